@@ -1,0 +1,38 @@
+# The two commands a newcomer needs (see README):
+#   make repro   install everything into .venv (once), then run the whole DVC pipeline
+#   make test    install everything into .venv (once), then run the test suite
+# Installing is skipped when pyproject.toml and requirements.lock have not changed since the last install.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALL_KEY := $(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(INSTALL_KEY)
+PYTEST_ARGS ?=
+
+.PHONY: setup repro test test-all mlflow-ui clean-outputs help
+
+help:
+	@echo "make repro     - install (once) and run the whole pipeline with 'dvc repro'"
+	@echo "make test      - install (once) and run the test suite (slow tests excluded; make test-all for all)"
+	@echo "make mlflow-ui - open the MLflow UI on the project's store (http://127.0.0.1:5000)"
+
+$(STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+repro: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
