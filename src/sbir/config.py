@@ -1,0 +1,241 @@
+"""Typed, validated params: one pydantic model per ``params.yaml`` section.
+
+Every stage calls :func:`load_stage_params` first, so an unknown key, a wrong type or an out-of-range
+value stops the stage with a message naming the file, the key and the problem, before any work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Params(BaseModel):
+    """Base for every params section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RayParams(Params):
+    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0 runs the loop in-process (local mode)")
+    use_gpu: Literal["auto", True, False] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts before the stage fails (-1: unbounded)")
+    checkpoints_to_keep: int = Field(2, ge=1)
+    torch_threads_per_worker: int = Field(1, ge=1)
+    address: str | None = Field(None, description="Ray cluster address; null starts a local Ray")
+
+
+class BackboneParams(Params):
+    name: Literal["small_cnn", "resnet18", "resnet34"] = "small_cnn"
+    width: int = Field(32, ge=4, description="small_cnn base channels")
+    depth: int = Field(4, ge=2, le=6, description="small_cnn conv blocks")
+    weights_path: str | None = Field(None, description="local torchvision weights file (.pth); null = random init")
+
+
+class PrepareParams(Params):
+    num_classes: int = Field(12, ge=2)
+    train_instances_per_class: int = Field(200, ge=2)
+    test_instances_per_class: int = Field(40, ge=1)
+    photo_size: int = Field(32, ge=16)
+    sketch_size: int = Field(32, ge=16)
+    sketches_per_photo: int = Field(1, ge=1)
+    labelled_share: float = Field(0.2, gt=0, le=1)
+    line_width: float = Field(1.0, gt=0)
+    clutter: float = Field(1.0, ge=0)
+
+
+class TeacherParams(Params):
+    backbone: BackboneParams = BackboneParams()
+    modality_backbone: BackboneParams = BackboneParams(width=16, depth=3)
+    image_size: int = Field(32, ge=16)
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = True
+
+
+class EstimatorLossWeights(Params):
+    semantic_ce: float = Field(3.0, ge=0)
+    class_balance: float = Field(5.0, ge=0)
+    activation: float = Field(0.1, ge=0)
+    bn_prior: float = Field(0.0, ge=0)
+    modality: float = Field(1.0, ge=0)
+    class_alignment: float = Field(1.0, ge=0)
+    adversarial: float = Field(1.0, ge=0)
+
+
+class ReconstructParams(Params):
+    latent_dim: int = Field(64, ge=2)
+    estimator_width: int = Field(32, ge=4)
+    batch_size: int = Field(64, ge=2)
+    steps: int = Field(300, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weights: EstimatorLossWeights = EstimatorLossWeights()
+    adversarial_bound: float = Field(2.0, gt=0, description="the hardness term is clamped at this KL")
+    alignment_detach: Literal["none", "photo", "sketch"] = "none"
+    bank_size: int = Field(4096, ge=1, description="reconstructed pairs written to the sample bank")
+    log_every: int = Field(50, ge=1)
+
+
+class StudentParams(Params):
+    backbone: BackboneParams = BackboneParams()
+    embed_dim: int = Field(64, ge=2)
+    init_from_teacher: bool = Field(True, description="start each student's backbone from its teacher's")
+
+
+class DistillLossWeights(Params):
+    proxy: float = Field(1.0, ge=0)
+    teacher_kd: float = Field(1.0, ge=0)
+    cross_modal: float = Field(1.0, ge=0)
+
+
+class DistillParams(Params):
+    student: StudentParams = StudentParams()
+    rounds: int = Field(150, ge=1, description="adversarial alternation rounds")
+    estimator_steps: int = Field(1, ge=0, description="k: estimator steps per round")
+    student_steps: int = Field(5, ge=1, description="m: student steps per round")
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    estimator_lr: float = Field(1e-4, gt=0)
+    proxy_init: Literal["photo_teacher", "sketch_teacher", "random"] = "photo_teacher"
+    proxy_lr_scale: float = Field(10.0, ge=0, description="proxy lr = lr * scale; 0 freezes them")
+    proxy_margin: float = Field(0.1, ge=0)
+    proxy_alpha: float = Field(32.0, gt=0)
+    kd_temperature: float = Field(4.0, gt=0)
+    triplet_margin: float = Field(0.2, ge=0)
+    weights: DistillLossWeights = DistillLossWeights()
+    bank_capacity: int = Field(16384, ge=1)
+    replay_fraction: float = Field(0.5, ge=0, le=1, description="share of each student batch drawn from the bank")
+    log_every: int = Field(25, ge=1)
+    # the data-dependent upper bound reuses this loop with real pairs and the same losses
+    upper_bound_epochs: int = Field(10, ge=1)
+
+
+class EvaluateParams(Params):
+    map_ks: list[int] = [200]
+    precision_ks: list[int] = [100, 200]
+    num_retrieval_examples: int = Field(6, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class Root(Params):
+    """The whole params.yaml. Sections of later stages are optional so partial files still validate."""
+
+    seed: int = 0
+    pipeline: str = Field("embedded-default", description="MLflow experiment name")
+    dataset_dir: str = "data/prepared"
+    outputs_dir: str = "outputs"
+    ray: RayParams = RayParams()
+    prepare: PrepareParams = PrepareParams()
+    teacher_pretrain: TeacherParams = TeacherParams()
+    reconstruct: ReconstructParams = ReconstructParams()
+    distill: DistillParams = DistillParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    # sections added by later stages are validated by their own models (see STAGE_SECTIONS)
+    extra_sections: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_known(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields) - {"extra_sections"}
+            extra = {k: v for k, v in data.items() if k not in known}
+            unknown = [k for k in extra if k not in EXTRA_SECTIONS]
+            if unknown:
+                raise ValueError(f"unknown top-level key(s) {unknown}; known: {sorted(known | set(EXTRA_SECTIONS))}")
+            data = {k: v for k, v in data.items() if k in known} | {"extra_sections": extra}
+        return data
+
+
+# Sections owned by stages that register their own models (e.g. the fine-grained part).
+EXTRA_SECTIONS: dict[str, type[Params]] = {}
+
+T = TypeVar("T", bound=Params)
+
+
+class ParamsError(ValueError):
+    """params.yaml is unreadable or invalid; the message names the file and the key."""
+
+
+def _format_validation_error(path: Path, exc: ValidationError, prefix: str = "") -> str:
+    lines = [f"{path}: invalid params"]
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(err["loc"]))
+        lines.append(f"  {loc or '<root>'}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_params(path: str | os.PathLike = "params.yaml", overrides: dict[str, Any] | None = None) -> Root:
+    """Read and validate the whole params file (optionally with dotted-key overrides applied)."""
+    path = Path(path)
+    data = read_yaml(path)
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    try:
+        root = Root.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(_format_validation_error(path, exc)) from None
+    except ValueError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+    for name, raw in root.extra_sections.items():
+        try:
+            EXTRA_SECTIONS[name].model_validate(raw)
+        except ValidationError as exc:
+            raise ParamsError(_format_validation_error(path, exc, prefix=name)) from None
+    return root
+
+
+def section(root: Root, name: str, model: type[T]) -> T:
+    """A section validated by ``model`` (for sections registered in EXTRA_SECTIONS)."""
+    return model.model_validate(root.extra_sections.get(name, {}))
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def params_hash(obj: Any) -> str:
+    """A short stable hash of params (a pydantic model or plain data)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested params -> {'a.b.c': value} (for MLflow params)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = obj
+    return out

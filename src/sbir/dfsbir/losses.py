@@ -1,0 +1,149 @@
+"""Loss terms of CrossX-DFL: the estimator objective and the student (distillation) objective.
+
+Each term is a small function on tensors so it can be tested alone (sign, which network gets the
+gradient). Conventions: every term is a quantity to *minimise*; weights come from params.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ------------------------------------------------------------------------------- estimator terms
+def semantic_ce(teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The teacher should classify the reconstructed sample as its conditioning class."""
+    return F.cross_entropy(teacher_logits, target)
+
+
+def class_balance(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """log C - H(mean prediction over the batch): 0 when the batch covers all classes evenly."""
+    mean_p = teacher_logits.softmax(dim=1).mean(dim=0)
+    entropy = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+    return math.log(teacher_logits.shape[1]) - entropy
+
+
+def activation(teacher_features: torch.Tensor) -> torch.Tensor:
+    """DAFL's activation term: the teacher's penultimate features should be strongly active."""
+    return -teacher_features.abs().mean()
+
+
+def modality_guidance(modality_logits_photo: torch.Tensor, modality_logits_sketch: torch.Tensor,
+                      photo_class: int = 0, sketch_class: int = 1) -> torch.Tensor:
+    """The modality network should say 'photo' for g_p's output and 'sketch' for g_s's."""
+    yp = torch.full((len(modality_logits_photo),), photo_class, device=modality_logits_photo.device)
+    ys = torch.full((len(modality_logits_sketch),), sketch_class, device=modality_logits_sketch.device)
+    return F.cross_entropy(modality_logits_photo, yp) + F.cross_entropy(modality_logits_sketch, ys)
+
+
+def class_alignment(photo_logits: torch.Tensor, sketch_logits: torch.Tensor,
+                    detach: Literal["none", "photo", "sketch"] = "none") -> torch.Tensor:
+    """Symmetric KL between t_p(x_p) and t_s(x_s) of each aligned pair (optionally one side detached)."""
+    lp = photo_logits.log_softmax(1)
+    ls = sketch_logits.log_softmax(1)
+    if detach == "photo":
+        lp = lp.detach()
+    elif detach == "sketch":
+        ls = ls.detach()
+    kl_ps = F.kl_div(ls, lp, log_target=True, reduction="batchmean")  # KL(p || s)
+    kl_sp = F.kl_div(lp, ls, log_target=True, reduction="batchmean")  # KL(s || p)
+    return kl_ps + kl_sp
+
+
+def adversarial_hardness(teacher_logits: torch.Tensor, student_logits: torch.Tensor, bound: float) -> torch.Tensor:
+    """Negative of the (per-sample, clamped at ``bound``) teacher→student KL.
+
+    Minimising it *maximises* disagreement, making samples the students get wrong; the clamp stops
+    the term from diverging once a sample is hard enough (the public code's term is unbounded).
+    """
+    pt = teacher_logits.softmax(1)
+    kl = (pt * (pt.clamp_min(1e-12).log() - student_logits.log_softmax(1))).sum(1)
+    return -kl.clamp(max=bound).mean()
+
+
+class BNStatsPrior:
+    """DeepInversion's prior: per-BN-layer batch mean/var of the sample match the running statistics.
+
+    Registers forward hooks on the BatchNorm layers of a (frozen) network; call :meth:`loss` after a
+    forward pass of reconstructed samples, :meth:`remove` when done.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        self.terms: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in network.modules()
+                        if isinstance(m, nn.BatchNorm2d)]
+
+    def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        x = inputs[0]
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        self.terms.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
+
+    def reset(self) -> None:
+        self.terms = []
+
+    def loss(self) -> torch.Tensor:
+        out = torch.stack(self.terms).sum() if self.terms else torch.tensor(0.0)
+        self.terms = []
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------- student terms
+def proxy_logits(embeddings: torch.Tensor, proxies: torch.Tensor, scale: float) -> torch.Tensor:
+    """Class logits of L2-normalised embeddings: scaled cosine similarity to each proxy."""
+    return scale * embeddings @ F.normalize(proxies, dim=1).t()
+
+
+def make_proxy_anchor(num_classes: int, embed_dim: int, initial_proxies: torch.Tensor,
+                      margin: float = 0.1, alpha: float = 32.0) -> nn.Module:
+    """pytorch-metric-learning's Proxy-Anchor loss whose proxies start from the teachers' class rows.
+
+    The module owns the proxies (``.proxies``); both students use the same module, so they share
+    one proxy space.
+    """
+    from pytorch_metric_learning import losses as pml_losses
+
+    loss = pml_losses.ProxyAnchorLoss(num_classes=num_classes, embedding_size=embed_dim, margin=margin, alpha=alpha)
+    with torch.no_grad():
+        loss.proxies.copy_(initial_proxies)
+    return loss
+
+
+def teacher_kd(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Metric-agnostic distillation: the student's proxy-class distribution matches its teacher's."""
+    t = temperature
+    return F.kl_div(student_logits.div(t).log_softmax(1), teacher_logits.div(t).log_softmax(1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
+def cross_modal_triplet(sketch_emb: torch.Tensor, sketch_labels: torch.Tensor, photo_emb: torch.Tensor,
+                        photo_labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Category-level cross-modal triplet: sketch anchors, same-class photos positive, others negative.
+
+    Uses pytorch-metric-learning's TripletMarginLoss over all valid triplets with the photos as the
+    reference set.
+    """
+    from pytorch_metric_learning import losses as pml_losses
+
+    loss_fn = pml_losses.TripletMarginLoss(margin=margin)
+    return loss_fn(sketch_emb, sketch_labels, ref_emb=photo_emb, ref_labels=photo_labels)
+
+
+def init_proxies(teacher_weights: torch.Tensor | None, num_classes: int, embed_dim: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Proxies from a teacher's final-layer rows, projected by a fixed random map when dims differ."""
+    if teacher_weights is None:
+        return F.normalize(torch.randn(num_classes, embed_dim, generator=generator), dim=1)
+    w = teacher_weights.detach().float()
+    if w.shape[1] != embed_dim:
+        # Johnson–Lindenstrauss style random projection keeps the rows' relative geometry
+        proj = torch.randn(w.shape[1], embed_dim, generator=generator) / math.sqrt(embed_dim)
+        w = w @ proj
+    return F.normalize(w, dim=1)

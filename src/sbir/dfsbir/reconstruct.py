@@ -1,0 +1,231 @@
+"""reconstruct: data-free estimation of class-aligned photo/sketch pairs from the frozen teachers.
+
+Reads only the teacher checkpoint and params (no dataset: the data-free guarantee). Trains the photo
+and sketch estimators with the objective of METHOD.md and writes them plus a Parquet bank of
+reconstructed pairs and a per-class PNG grid. The adversarial hardness term needs students, which
+do not exist yet here; it becomes active in ``distill``, which continues the alternation.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from sbir.config import ReconstructParams
+from sbir.data.format import decode_image, encode_png
+from sbir.dfsbir import losses as L
+from sbir.dfsbir.teacher import TeacherSet, load_teachers
+from sbir.models.estimators import EstimatorPair
+from sbir.train import runtime as rt
+
+BANK_SCHEMA = pa.schema([
+    ("pair_id", pa.int64()), ("condition", pa.int32()), ("photo_teacher_label", pa.int32()),
+    ("sketch_teacher_label", pa.int32()), ("photo_teacher_conf", pa.float32()), ("sketch_teacher_conf", pa.float32()),
+    ("photo", pa.binary()), ("sketch", pa.binary()),
+])
+
+
+class EstimatorObjective:
+    """Every term of the estimator objective on one batch of reconstructed pairs."""
+
+    def __init__(self, teachers: TeacherSet, p: ReconstructParams) -> None:
+        self.teachers, self.p, self.w = teachers, p, p.weights
+        self.bn_priors = ([L.BNStatsPrior(teachers.photo_teacher), L.BNStatsPrior(teachers.sketch_teacher)]
+                          if self.w.bn_prior > 0 else [])
+
+    def __call__(self, x_p: torch.Tensor, x_s: torch.Tensor, y: torch.Tensor,
+                 students: nn.Module | None = None, proxies: torch.Tensor | None = None,
+                 proxy_scale: float = 16.0) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        t, w = self.teachers, self.w
+        for prior in self.bn_priors:
+            prior.reset()
+        f_p, f_s = t.photo_teacher.features(x_p), t.sketch_teacher.features(x_s)
+        l_p, l_s = t.photo_teacher.head(f_p), t.sketch_teacher.head(f_s)
+        terms = {
+            "semantic_ce": L.semantic_ce(l_p, y) + L.semantic_ce(l_s, y),
+            "class_balance": L.class_balance(l_p) + L.class_balance(l_s),
+            "activation": L.activation(f_p) + L.activation(f_s),
+            "modality": L.modality_guidance(t.modality_net(x_p), t.modality_net(x_s)),
+            "class_alignment": L.class_alignment(l_p, l_s, self.p.alignment_detach),
+        }
+        if self.bn_priors:
+            terms["bn_prior"] = sum(prior.loss() for prior in self.bn_priors)
+        if students is not None and proxies is not None and w.adversarial > 0:
+            e_p, e_s = students(x_p, x_s)
+            terms["adversarial"] = (
+                L.adversarial_hardness(l_p, L.proxy_logits(e_p, proxies, proxy_scale), self.p.adversarial_bound)
+                + L.adversarial_hardness(l_s, L.proxy_logits(e_s, proxies, proxy_scale), self.p.adversarial_bound))
+        total = sum(getattr(w, k) * v for k, v in terms.items())
+        return total, terms, {"photo_logits": l_p.detach(), "sketch_logits": l_s.detach()}
+
+
+def build_estimators(p: ReconstructParams, num_classes: int, image_size: int) -> EstimatorPair:
+    return EstimatorPair(p.latent_dim, num_classes, p.estimator_width, image_size)
+
+
+def reconstruct_loop(config: dict) -> None:
+    device = rt.setup_worker(config)
+    p = ReconstructParams.model_validate(config["params"])
+    seed = int(config["seed"])
+    torch.manual_seed(seed)
+    teachers, blob = load_teachers(config["teachers_path"], device)
+    image_size = int(blob["params"]["image_size"])
+    estimators = build_estimators(p, blob["num_classes"], image_size).to(device)
+    opt = torch.optim.Adam(estimators.parameters(), lr=p.lr, betas=(0.5, 0.999))
+    objective = EstimatorObjective(teachers, p)
+    start, history = 0, []
+    state = rt.restore()
+    if state is not None:
+        estimators.load_state_dict(state["estimators"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["step"] + 1, state["history"]
+    rt.broadcast_module(estimators)
+    gen = torch.Generator().manual_seed(seed * 7919 + rt.world()[0])
+    run = config.get("mlflow_run")
+    sums: dict[str, float] = {}
+    count, t0 = 0, time.time()
+    for step in rt.progress(range(start, p.steps), total=p.steps - start, desc="reconstruct"):
+        estimators.train()
+        z, y = estimators.sample_inputs(p.batch_size, gen, device)
+        x_p, x_s = estimators(z, y)
+        total, terms, out = objective(x_p, x_s, y)
+        rt.check_finite({**terms, "total": total}, step, "reconstruct")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        rt.sync_gradients(estimators)
+        opt.step()
+        acc_p = (out["photo_logits"].argmax(1) == y).float().mean()
+        acc_s = (out["sketch_logits"].argmax(1) == y).float().mean()
+        agree = (out["photo_logits"].argmax(1) == out["sketch_logits"].argmax(1)).float().mean()
+        for k, v in {**terms, "total": total, "photo_teacher_acc": acc_p, "sketch_teacher_acc": acc_s,
+                     "pair_agreement": agree}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        count += 1
+        if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
+            metrics = rt.mean_over_workers({k: v / count for k, v in sums.items()})
+            metrics.update(step=step, seconds_per_step=(time.time() - t0) / count)
+            history.append(metrics)
+            if run is not None and rt.is_rank0():
+                run.log_metrics(metrics, step=step)
+            rt.report(metrics, {"estimators": estimators.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                "history": history, "params": p.model_dump(mode="json"),
+                                "num_classes": blob["num_classes"], "image_size": image_size})
+            sums, count, t0 = {}, 0, time.time()
+
+
+@torch.no_grad()
+def generate_pairs(estimators: EstimatorPair, teachers: TeacherSet, n: int, seed: int, batch: int = 256,
+                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """n reconstructed pairs as uint8 images plus each teacher's label and confidence."""
+    estimators.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("condition", "photo", "sketch", "photo_teacher_label",
+                                                          "sketch_teacher_label", "photo_teacher_conf", "sketch_teacher_conf")}
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        z, y = estimators.sample_inputs(b, gen, device)
+        x_p, x_s = estimators(z, y)
+        pp, ps = teachers.photo_teacher(x_p).softmax(1), teachers.sketch_teacher(x_s).softmax(1)
+        out["condition"].append(y.cpu())
+        out["photo"].append((x_p * 255).round().to(torch.uint8).cpu())
+        out["sketch"].append((x_s[:, :1] * 255).round().to(torch.uint8).cpu())
+        for name, prob in (("photo_teacher", pp), ("sketch_teacher", ps)):
+            conf, lab = prob.max(1)
+            out[f"{name}_label"].append(lab.cpu())
+            out[f"{name}_conf"].append(conf.cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def write_bank(path: str, bank: dict[str, torch.Tensor]) -> None:
+    n = len(bank["condition"])
+    cols = {
+        "pair_id": pa.array(np.arange(n), pa.int64()),
+        "condition": pa.array(bank["condition"].numpy().astype(np.int32)),
+        "photo_teacher_label": pa.array(bank["photo_teacher_label"].numpy().astype(np.int32)),
+        "sketch_teacher_label": pa.array(bank["sketch_teacher_label"].numpy().astype(np.int32)),
+        "photo_teacher_conf": pa.array(bank["photo_teacher_conf"].numpy().astype(np.float32)),
+        "sketch_teacher_conf": pa.array(bank["sketch_teacher_conf"].numpy().astype(np.float32)),
+        "photo": pa.array([encode_png(x.permute(1, 2, 0).numpy()) for x in bank["photo"]], pa.binary()),
+        "sketch": pa.array([encode_png(x[0].numpy()) for x in bank["sketch"]], pa.binary()),
+    }
+    pq.write_table(pa.Table.from_pydict(cols, schema=BANK_SCHEMA), path, row_group_size=2048, compression="zstd")
+
+
+def read_bank(path: str) -> dict[str, torch.Tensor]:
+    """The sample bank as uint8 image tensors (photo N×3×H×W, sketch N×1×H×W) and label tensors."""
+    table = pq.read_table(path)
+    missing = set(BANK_SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: not a sample bank (missing columns {sorted(missing)})")
+    photos = np.stack([decode_image(b, "RGB", f"{path} photo") for b in table.column("photo").to_pylist()])
+    sketches = np.stack([decode_image(b, "L", f"{path} sketch") for b in table.column("sketch").to_pylist()])
+    out = {"photo": torch.from_numpy(photos).permute(0, 3, 1, 2).contiguous(),
+           "sketch": torch.from_numpy(sketches)[:, None].contiguous()}
+    for c in ("condition", "photo_teacher_label", "sketch_teacher_label"):
+        out[c] = torch.from_numpy(table.column(c).to_numpy().astype(np.int64))
+    for c in ("photo_teacher_conf", "sketch_teacher_conf"):
+        out[c] = torch.from_numpy(table.column(c).to_numpy())
+    return out
+
+
+def pairs_grid(bank: dict[str, torch.Tensor], class_names: list[str], path, per_class: int = 4) -> None:
+    """PNG grid: per class, reconstructed photo / sketch pairs side by side."""
+    from sbir.plots import image_grid
+
+    rows, labels = [], []
+    for c, name in enumerate(class_names):
+        idx = torch.nonzero(bank["condition"] == c).flatten()[:per_class]
+        row = []
+        for i in idx.tolist():
+            row += [bank["photo"][i].permute(1, 2, 0).numpy(), bank["sketch"][i][0].numpy()]
+        rows.append(row)
+        labels.append(name)
+    cols = [x for k in range(per_class) for x in (f"photo {k}", f"sketch {k}")]
+    image_grid(rows, path, row_labels=labels, col_labels=cols)
+
+
+def run_reconstruct(ctx) -> dict[str, Any]:
+    from sbir.plots import plot_loss_curves
+
+    p = ctx.params.reconstruct
+    teachers_path = ctx.stage_dir("teacher_pretrain") / "teachers.pt"
+    if not teachers_path.is_file():
+        raise FileNotFoundError(f"{teachers_path} not found: run the teacher_pretrain stage first")
+    config = {"params": p.model_dump(mode="json"), "seed": ctx.params.seed, "teachers_path": str(teachers_path),
+              "mlflow_run": ctx.run}
+    outcome = rt.run_training("reconstruct", reconstruct_loop, config, ctx.params.ray, ctx.params_digest(p),
+                              resume=ctx.resume)
+    state = outcome.state
+    teachers, blob = load_teachers(str(teachers_path))
+    estimators = build_estimators(p, state["num_classes"], state["image_size"])
+    estimators.load_state_dict(state["estimators"])
+    torch.save({"estimators": state["estimators"], "optimizer": state["optimizer"], "step": state["step"],
+                "params": state["params"], "num_classes": state["num_classes"], "image_size": state["image_size"]},
+               ctx.tmp_out / "estimators.pt")
+    t0 = time.time()
+    bank = generate_pairs(estimators, teachers, p.bank_size, seed=ctx.params.seed + 1)
+    write_bank(str(ctx.tmp_out / "bank.parquet"), bank)
+    pairs_grid(bank, blob["class_names"], ctx.tmp_out / "pairs.png")
+    history = state["history"]
+    (ctx.tmp_out / "history.json").write_text(json.dumps(history, indent=2))
+    curve_keys = [k for k in history[-1] if k not in ("step", "seconds_per_step")]
+    plot_loss_curves({k: [h.get(k, float("nan")) for h in history] for k in curve_keys},
+                     ctx.tmp_out / "curves.png", title="reconstruct (estimator objective)", xlabel="log interval")
+    cond = bank["condition"]
+    metrics = {
+        "bank_photo_teacher_acc": round(float((bank["photo_teacher_label"] == cond).float().mean()), 4),
+        "bank_sketch_teacher_acc": round(float((bank["sketch_teacher_label"] == cond).float().mean()), 4),
+        "bank_pair_agreement": round(float((bank["photo_teacher_label"] == bank["sketch_teacher_label"]).float().mean()), 4),
+        "final_total_loss": round(history[-1]["total"], 4),
+        "seconds_per_step": round(history[-1]["seconds_per_step"], 4),
+        "bank_size": p.bank_size, "bank_seconds": round(time.time() - t0, 1),
+        "train_seconds": round(outcome.seconds, 1), "resumed": outcome.resumed,
+    }
+    (ctx.tmp_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,153 @@
+"""Backbones, classifiers and embedding encoders shared by every stage.
+
+Every network takes 3-channel images in [0, 1] (greyscale sketches are repeated to 3 channels) and
+normalises them itself with the channel statistics it was trained with (:class:`Normalise`, stored in
+its state dict), so a photo, a sketch or a reconstructed sample always reaches each network
+normalised the way that network was trained.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sbir.config import BackboneParams
+
+
+class Normalise(nn.Module):
+    """(x - mean) / std per channel with the statistics stored as buffers."""
+
+    def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.25, 0.25, 0.25)) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean.view_as(self.mean))
+        self.std.copy_(std.clamp_min(1e-3).view_as(self.std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class SmallCNN(nn.Module):
+    """conv-BN-ReLU blocks, stride 2 after the first, global average pool. Fast at 32 px on a CPU."""
+
+    def __init__(self, width: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, c = 3, width
+        for i in range(depth):
+            stride = 1 if i == 0 else 2
+            layers += [nn.Conv2d(c_in, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            c_in, c = c, min(c * 2, width * 4)
+        self.features = nn.Sequential(*layers)
+        self.out_dim = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet-18/34 without its classifier; random init unless a local weights file is given."""
+
+    def __init__(self, name: str, weights_path: str | None = None) -> None:
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, name)(weights=None)
+        if weights_path:
+            path = Path(weights_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"backbone weights file {path} not found")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if unexpected or [m for m in missing if not m.startswith("fc.")]:
+                raise ValueError(f"{path}: not a {name} state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.out_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_backbone(p: BackboneParams) -> nn.Module:
+    if p.name == "small_cnn":
+        return SmallCNN(p.width, p.depth)
+    return ResNetBackbone(p.name, p.weights_path)
+
+
+class Classifier(nn.Module):
+    """normalise -> backbone -> linear. The linear layer's weight rows are the class proxies."""
+
+    def __init__(self, backbone: BackboneParams, num_classes: int) -> None:
+        super().__init__()
+        self.normalise = Normalise()
+        self.backbone = build_backbone(backbone)
+        self.head = nn.Linear(self.backbone.out_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalise(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class Encoder(nn.Module):
+    """normalise -> backbone -> linear projection -> L2-normalised embedding (a student / retrieval branch)."""
+
+    def __init__(self, backbone: BackboneParams, embed_dim: int) -> None:
+        super().__init__()
+        self.normalise = Normalise()
+        self.backbone = build_backbone(backbone)
+        self.project = nn.Linear(self.backbone.out_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.project(self.backbone(self.normalise(x))), dim=-1)
+
+
+class EncoderPair(nn.Module):
+    """The photo encoder and the sketch encoder that embed into one space."""
+
+    def __init__(self, backbone: BackboneParams, embed_dim: int) -> None:
+        super().__init__()
+        self.photo_encoder = Encoder(backbone, embed_dim)
+        self.sketch_encoder = Encoder(backbone, embed_dim)
+
+    def forward(self, photos: torch.Tensor, sketches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.photo_encoder(photos), self.sketch_encoder(sketches)
+
+
+def channel_stats(images: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of uint8 or float images (N,3,H,W), streamed in batches."""
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for i in range(0, len(images), batch):
+        x = to_float(images[i : i + batch]).double()
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-8).sqrt()
+    return mean.float(), std.float()
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N,C,H,W) -> float in [0,1], with 1-channel inputs repeated to 3 channels."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize float images to size×size (no-op when already that size)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

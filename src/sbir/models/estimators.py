@@ -1,0 +1,56 @@
+"""Class-conditional estimators (generators) for data-free reconstruction.
+
+The photo estimator and the sketch estimator share the noise z and the class y of each pair, so a
+batch is a set of class-aligned photo/sketch pairs. Outputs are images in [0, 1] (sigmoid); the
+sketch estimator draws one grey channel, repeated to 3 like real sketches.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConditionalEstimator(nn.Module):
+    def __init__(self, latent_dim: int, num_classes: int, out_channels: int, width: int, image_size: int) -> None:
+        super().__init__()
+        if image_size % 8:
+            raise ValueError(f"estimator image_size must be a multiple of 8, got {image_size}")
+        self.latent_dim, self.out_channels, self.image_size = latent_dim, out_channels, image_size
+        self.init_size = image_size // 8
+        c = width * 4
+        self.class_embedding = nn.Embedding(num_classes, latent_dim)
+        self.fc = nn.Linear(2 * latent_dim, c * self.init_size ** 2)
+        self.c0 = c
+
+        def up(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                    nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True)]
+
+        self.body = nn.Sequential(nn.BatchNorm2d(c), *up(c, c), *up(c, c // 2), *up(c // 2, width),
+                                  nn.Conv2d(width, out_channels, 3, 1, 1))
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(torch.cat([z, self.class_embedding(y)], dim=1))
+        x = torch.sigmoid(self.body(h.view(-1, self.c0, self.init_size, self.init_size)))
+        return x.expand(-1, 3, -1, -1) if self.out_channels == 1 else x
+
+
+class EstimatorPair(nn.Module):
+    """g_p and g_s conditioned on the same (z, y)."""
+
+    def __init__(self, latent_dim: int, num_classes: int, width: int, image_size: int) -> None:
+        super().__init__()
+        self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.photo_estimator = ConditionalEstimator(latent_dim, num_classes, 3, width, image_size)
+        self.sketch_estimator = ConditionalEstimator(latent_dim, num_classes, 1, width, image_size)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.photo_estimator(z, y), self.sketch_estimator(z, y)
+
+    def sample_inputs(self, batch: int, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared noise and balanced classes (each class equally often, shuffled)."""
+        z = torch.randn(batch, self.latent_dim, generator=generator)
+        y = torch.arange(batch) % self.num_classes
+        y = y[torch.randperm(batch, generator=generator)]
+        return z.to(device), y.to(device)
