@@ -70,6 +70,7 @@ class EstimatorLossWeights(Params):
     modality: float = Field(1.0, ge=0)
     class_alignment: float = Field(1.0, ge=0)
     adversarial: float = Field(1.0, ge=0)
+    diversity: float = Field(1.0, ge=0, description="mode-seeking term (ours): samples of one class differ")
 
 
 class ReconstructParams(Params):

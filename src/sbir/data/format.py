@@ -124,14 +124,13 @@ def strokes_from_arrow(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray | 
         return out
     offsets = column.offsets.to_numpy()
     flat = column.values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, 3)
-    # ``offsets`` are relative to the (possibly sliced) values buffer start
-    base = offsets[0]
+    # ``values`` ignores a slice's offset while ``offsets`` index into the full values: no rebasing
     out = []
     for i in range(len(column)):
         if not column[i].is_valid:
             out.append(None)
         else:
-            out.append(flat[offsets[i] - base : offsets[i + 1] - base].copy())
+            out.append(flat[offsets[i] : offsets[i + 1]].copy())
     return out
 
 

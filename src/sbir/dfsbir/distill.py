@@ -168,7 +168,7 @@ def distill_loop(config: dict) -> None:
             for _ in range(p.estimator_steps):
                 z, y = estimators.sample_inputs(p.batch_size, gen, device)
                 x_p, x_s = estimators(z, y)
-                total, terms, _ = objective(x_p, x_s, y, students, proxy_loss.proxies.detach(), PROXY_SCALE)
+                total, terms, _ = objective(x_p, x_s, y, z, students, proxy_loss.proxies.detach(), PROXY_SCALE)
                 rt.check_finite({**terms, "total": total}, rnd, "distill/estimators")
                 est_opt.zero_grad(set_to_none=True)
                 total.backward()

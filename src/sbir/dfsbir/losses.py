@@ -53,6 +53,18 @@ def class_alignment(photo_logits: torch.Tensor, sketch_logits: torch.Tensor,
     return kl_ps + kl_sp
 
 
+def diversity(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Mode-seeking term: two samples of one class (first/second half of the batch, same classes,
+    other noise) should differ in proportion to their noise. Negative, so minimising spreads them;
+    bounded because images live in [0, 1]."""
+    h = len(x) // 2
+    if h == 0:
+        return x.sum() * 0
+    dx = (x[:h] - x[h : 2 * h]).abs().flatten(1).mean(1)
+    dz = (z[:h] - z[h : 2 * h]).abs().mean(1).clamp_min(1e-6)
+    return -(dx / dz).mean()
+
+
 def adversarial_hardness(teacher_logits: torch.Tensor, student_logits: torch.Tensor, bound: float) -> torch.Tensor:
     """Negative of the (per-sample, clamped at ``bound``) teacher→student KL.
 

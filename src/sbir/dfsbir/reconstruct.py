@@ -39,7 +39,7 @@ class EstimatorObjective:
         self.bn_priors = ([L.BNStatsPrior(teachers.photo_teacher), L.BNStatsPrior(teachers.sketch_teacher)]
                           if self.w.bn_prior > 0 else [])
 
-    def __call__(self, x_p: torch.Tensor, x_s: torch.Tensor, y: torch.Tensor,
+    def __call__(self, x_p: torch.Tensor, x_s: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
                  students: nn.Module | None = None, proxies: torch.Tensor | None = None,
                  proxy_scale: float = 16.0) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         t, w = self.teachers, self.w
@@ -54,6 +54,8 @@ class EstimatorObjective:
             "modality": L.modality_guidance(t.modality_net(x_p), t.modality_net(x_s)),
             "class_alignment": L.class_alignment(l_p, l_s, self.p.alignment_detach),
         }
+        if w.diversity > 0:
+            terms["diversity"] = L.diversity(x_p, z) + L.diversity(x_s[:, :1], z)
         if self.bn_priors:
             terms["bn_prior"] = sum(prior.loss() for prior in self.bn_priors)
         if students is not None and proxies is not None and w.adversarial > 0:
@@ -94,7 +96,7 @@ def reconstruct_loop(config: dict) -> None:
         estimators.train()
         z, y = estimators.sample_inputs(p.batch_size, gen, device)
         x_p, x_s = estimators(z, y)
-        total, terms, out = objective(x_p, x_s, y)
+        total, terms, out = objective(x_p, x_s, y, z)
         rt.check_finite({**terms, "total": total}, step, "reconstruct")
         opt.zero_grad(set_to_none=True)
         total.backward()

@@ -19,7 +19,7 @@ class ConditionalEstimator(nn.Module):
         self.init_size = image_size // 8
         c = width * 4
         self.class_embedding = nn.Embedding(num_classes, latent_dim)
-        self.fc = nn.Linear(2 * latent_dim, c * self.init_size ** 2)
+        self.fc = nn.Linear(latent_dim, c * self.init_size ** 2)
         self.c0 = c
 
         def up(cin: int, cout: int) -> list[nn.Module]:
@@ -30,7 +30,9 @@ class ConditionalEstimator(nn.Module):
                                   nn.Conv2d(width, out_channels, 3, 1, 1))
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.fc(torch.cat([z, self.class_embedding(y)], dim=1))
+        # multiplicative conditioning: the class gates the noise, so the output cannot ignore z as
+        # easily as with concatenation (which collapsed to one image per class in our runs)
+        h = self.fc(z * self.class_embedding(y))
         x = torch.sigmoid(self.body(h.view(-1, self.c0, self.init_size, self.init_size)))
         return x.expand(-1, 3, -1, -1) if self.out_channels == 1 else x
 
@@ -49,8 +51,11 @@ class EstimatorPair(nn.Module):
 
     def sample_inputs(self, batch: int, generator: torch.Generator | None = None,
                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Shared noise and balanced classes (each class equally often, shuffled)."""
+        """Shared noise and balanced classes. The second half repeats the first half's classes with
+        other noise, so the diversity term can compare two samples of one class."""
         z = torch.randn(batch, self.latent_dim, generator=generator)
-        y = torch.arange(batch) % self.num_classes
-        y = y[torch.randperm(batch, generator=generator)]
+        half = (batch + 1) // 2
+        y = torch.arange(half) % self.num_classes
+        y = y[torch.randperm(half, generator=generator)]
+        y = torch.cat([y, y])[:batch]
         return z.to(device), y.to(device)

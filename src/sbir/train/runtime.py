@@ -102,7 +102,7 @@ def prepare_run_dir(run_dir: Path, params_digest: str, resume: Literal["auto", "
         (run_dir / COMPLETED_MARKER).unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(params_digest)
-    return keep and any(run_dir.glob("checkpoint_*"))
+    return keep and any(run_dir.glob("checkpoint*"))
 
 
 def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[str, Any],
@@ -119,7 +119,8 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
     resumed = prepare_run_dir(run_dir, params_digest, resume)
     use_gpu = _use_gpu(ray_params)
     config = dict(loop_config)
-    config["_runtime"] = {"torch_threads": ray_params.torch_threads_per_worker, "stage": stage}
+    config["_runtime"] = {"torch_threads": ray_params.torch_threads_per_worker, "stage": stage,
+                          "local_dir": str(run_dir) if ray_params.num_workers == 0 else None}
     if ray_params.num_workers > 0:
         _ensure_ray(ray_params)
         scaling = ScalingConfig(num_workers=ray_params.num_workers, use_gpu=use_gpu,
@@ -144,7 +145,9 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
     if result.error:
         raise result.error
     state = None
-    if result.checkpoint is not None:  # read on the driver, so outputs land here even on a cluster
+    if ray_params.num_workers == 0:
+        state = _latest_local_state(run_dir)
+    elif result.checkpoint is not None:  # read on the driver, so outputs land here even on a cluster
         with result.checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
     (run_dir / COMPLETED_MARKER).write_text(json.dumps({"seconds": seconds}))
@@ -153,10 +156,29 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
 
 
 # ------------------------------------------------------------------------------------ worker side
+# Ray Train's local mode (num_workers=0) keeps a reported checkpoint only as a reference to its folder,
+# so the runtime keeps local-mode checkpoints itself, in the run folder (checkpoint_local_<n>).
+_LOCAL_DIR: Path | None = None
+_LOCAL_KEEP = 2
+
+
+def _local_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoint_local_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+
+
+def _latest_local_state(run_dir: Path) -> dict[str, Any] | None:
+    ckpts = _local_checkpoints(run_dir)
+    if not ckpts:
+        return None
+    return torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
+
+
 def setup_worker(config: Mapping[str, Any]) -> torch.device:
     """Per-worker set-up: thread count, device. Call first in every loop."""
+    global _LOCAL_DIR
     rt = config.get("_runtime", {})
     torch.set_num_threads(int(rt.get("torch_threads", 1)))
+    _LOCAL_DIR = Path(rt["local_dir"]) if rt.get("local_dir") else None
     try:
         import ray.train.torch
 
@@ -253,6 +275,18 @@ def report(metrics: Mapping[str, float], state: Mapping[str, Any] | None = None)
     """Report metrics (a barrier across workers) and, from rank 0, a checkpoint holding ``state``."""
     import ray.train
 
+    if _LOCAL_DIR is not None:
+        if state is not None:
+            ckpts = _local_checkpoints(_LOCAL_DIR)
+            n = int(ckpts[-1].name.rsplit("_", 1)[1]) + 1 if ckpts else 0
+            tmp = _LOCAL_DIR / f".checkpoint_local_{n}.tmp"
+            tmp.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(state), tmp / "state.pt")
+            os.replace(tmp, _LOCAL_DIR / f"checkpoint_local_{n}")  # atomic: never a half-written checkpoint
+            for old in _local_checkpoints(_LOCAL_DIR)[:-_LOCAL_KEEP]:
+                shutil.rmtree(old, ignore_errors=True)
+        ray.train.report(dict(metrics), checkpoint=None)
+        return
     if state is not None and is_rank0():
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(dict(state), os.path.join(tmp, "state.pt"))
@@ -265,6 +299,8 @@ def restore() -> dict[str, Any] | None:
     """The state saved by the last :func:`report` of this run (after a worker restart or resume)."""
     import ray.train
 
+    if _LOCAL_DIR is not None:
+        return _latest_local_state(_LOCAL_DIR)
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
