@@ -1,0 +1,117 @@
+"""Each CrossX-DFL loss term on small tensors: sign, bounds, and which network gets the gradient."""
+import math
+
+import pytest
+import torch
+
+from sbir.config import BackboneParams, ReconstructParams, TeacherParams
+from sbir.dfsbir import losses as L
+from sbir.dfsbir.reconstruct import EstimatorObjective
+from sbir.dfsbir.teacher import build_teachers
+from sbir.models.backbones import EncoderPair
+from sbir.models.estimators import EstimatorPair
+
+C = 4
+
+
+def test_semantic_ce_lower_for_correct_class():
+    y = torch.tensor([0, 1])
+    good = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0]])
+    assert L.semantic_ce(good, y) < L.semantic_ce(good.flip(0), y)
+
+
+def test_class_balance_zero_when_uniform_positive_when_collapsed():
+    balanced = torch.eye(C) * 20
+    collapsed = torch.zeros(C, C)
+    collapsed[:, 0] = 20
+    assert L.class_balance(balanced) == pytest.approx(0.0, abs=1e-4)
+    assert L.class_balance(collapsed) == pytest.approx(math.log(C), abs=1e-3)
+
+
+def test_activation_rewards_larger_features():
+    assert L.activation(torch.ones(2, 3) * 2) < L.activation(torch.ones(2, 3))
+
+
+def test_modality_guidance_sign():
+    right = L.modality_guidance(torch.tensor([[5.0, -5.0]]), torch.tensor([[-5.0, 5.0]]))
+    wrong = L.modality_guidance(torch.tensor([[-5.0, 5.0]]), torch.tensor([[5.0, -5.0]]))
+    assert right < 0.01 < wrong
+
+
+def test_class_alignment_zero_for_equal_and_detach_blocks_one_side():
+    a = torch.randn(3, C, requires_grad=True)
+    assert float(L.class_alignment(a, a.detach().clone())) == pytest.approx(0.0, abs=1e-6)
+    b = torch.randn(3, C, requires_grad=True)
+    L.class_alignment(a, b, detach="photo").backward()
+    assert a.grad is None and b.grad is not None
+
+
+def test_adversarial_hardness_is_bounded_and_rewards_disagreement():
+    t = torch.tensor([[10.0, 0, 0, 0]])
+    agree = L.adversarial_hardness(t, t.clone(), bound=2.0)
+    disagree = L.adversarial_hardness(t, torch.tensor([[0, 10.0, 0, 0]]), bound=2.0)
+    assert disagree < agree
+    assert float(disagree) == pytest.approx(-2.0)  # clamped at the bound, cannot diverge
+
+
+def test_diversity_prefers_different_samples():
+    z = torch.randn(4, 8)
+    same = torch.ones(4, 3, 2, 2) * 0.5
+    diff = torch.rand(4, 3, 2, 2)
+    assert L.diversity(diff, z) < L.diversity(same, z) == 0
+
+
+def test_bn_prior_zero_at_running_stats():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2)).eval()
+    prior = L.BNStatsPrior(net)
+    x = torch.randn(256, 1, 4, 4)
+    net(x)
+    far = prior.loss()
+    net[1].running_mean.copy_(net[0](x).mean((0, 2, 3)).detach())
+    net[1].running_var.copy_(net[0](x).var((0, 2, 3), unbiased=False).detach())
+    net(x)
+    assert prior.loss() < 1e-4 < far
+    prior.remove()
+
+
+def test_proxy_anchor_pulls_to_own_proxy_and_kd_zero_when_matching():
+    proxies = torch.eye(C, 8)
+    loss_fn = L.make_proxy_anchor(C, 8, proxies)
+    labels = torch.arange(C)
+    on = torch.nn.functional.normalize(torch.eye(C, 8), dim=1)
+    off = on.roll(1, 0)
+    assert loss_fn(on, labels) < loss_fn(off, labels)
+    logits = torch.randn(5, C)
+    assert L.teacher_kd(logits, logits, 4.0) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_cross_modal_triplet_zero_when_classes_separated():
+    e = torch.nn.functional.normalize(torch.eye(C, 8), dim=1)
+    labels = torch.tensor([0, 0, 1, 1])  # batches hold several samples per class
+    e = torch.stack([e[0], e[0], e[1], e[1]])
+    assert L.cross_modal_triplet(e, labels, e, labels, 0.2) == 0
+    assert L.cross_modal_triplet(e, labels, e.flip(0), labels, 0.2) > 0
+
+
+def test_init_proxies_projects_teacher_rows():
+    w = torch.randn(C, 32)
+    p = L.init_proxies(w, C, 8, torch.Generator().manual_seed(0))
+    assert p.shape == (C, 8) and torch.allclose(p.norm(dim=1), torch.ones(C))
+
+
+def test_estimator_objective_gradient_reaches_estimators_only():
+    tp = TeacherParams(backbone=BackboneParams(width=8, depth=3), modality_backbone=BackboneParams(width=4, depth=2))
+    teachers = build_teachers(tp, C).eval().requires_grad_(False)
+    rp = ReconstructParams(latent_dim=8, estimator_width=4, weights={"bn_prior": 1.0})
+    estimators = EstimatorPair(8, C, 4, 16)
+    students = EncoderPair(BackboneParams(width=8, depth=3), 8)
+    students.requires_grad_(False)
+    z, y = estimators.sample_inputs(8)
+    x_p, x_s = estimators(z, y)
+    total, terms, _ = EstimatorObjective(teachers, rp)(x_p, x_s, y, z, students, torch.randn(C, 8))
+    assert set(terms) == {"semantic_ce", "class_balance", "activation", "modality", "class_alignment", "diversity",
+                          "bn_prior", "adversarial"}
+    total.backward()
+    assert all(p.grad is not None for p in estimators.photo_estimator.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in teachers.parameters())
+    assert all(p.grad is None for p in students.parameters())
