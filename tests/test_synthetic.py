@@ -72,16 +72,16 @@ def test_counts_splits_and_labelled_share():
     assert all(per[(c, "train")] == 10 and per[(c, "test")] == 4 for c in ds.class_names)
     lab = Counter(p.class_name for p in ds.photos if p.split == "train" and p.labelled)
     assert all(lab[c] == 3 for c in ds.class_names)
-    assert all(p.labelled for p in ds.photos if p.split == "test")
-    # every photo has sketches_per_photo sketches; paired exactly when labelled
+    assert not any(p.labelled for p in ds.photos if p.split == "test")
+    # every photo has sketches_per_photo sketches, each paired with its photo
     assert len(ds.sketches) == 2 * len(ds.photos)
     photos = {p.id: p for p in ds.photos}
-    paired = Counter(s.photo_id for s in ds.sketches if s.photo_id is not None)
-    assert set(paired) == {p.id for p in ds.photos if p.labelled}
+    paired = Counter(s.photo_id for s in ds.sketches)
+    assert set(paired) == set(photos)
     assert set(paired.values()) == {2}
     for s in ds.sketches:
         owner = photos[s.id.rsplit("_s", 1)[0]]
-        assert (s.photo_id is not None) == owner.labelled
+        assert s.photo_id == owner.id
         assert (s.class_name, s.label, s.split) == (owner.class_name, owner.label, owner.split)
     ids = [p.id for p in ds.photos] + [s.id for s in ds.sketches]
     assert len(set(ids)) == len(ids)

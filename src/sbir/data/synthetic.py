@@ -17,14 +17,14 @@ possible but not trivial.
   overshoot, a slight global affine distortion; rendered by
   :func:`sbir.strokes.rasterise` (the one rasteriser of the project).
 
-Splits are by instance (``split`` = "train"/"test"). Among train instances a
-share ``labelled_share`` is ``labelled``: their sketches carry ``photo_id``
-(the fine-grained labelled pairs). The other train photos form the unlabelled
-photo pool; their sketches are kept as *unpaired* sketches (``photo_id`` is
-None, usable for category-level training) unless
-``SyntheticConfig.unlabelled_sketches`` is False. Test photos are all paired
-(``labelled`` is True for them), so ``sketch.photo_id is not None`` exactly
-when its photo is ``labelled``.
+Splits are by instance (``split`` = "train"/"test"). Every sketch carries the
+``photo_id`` of the photo it was drawn from (pairing is a fact of the data).
+Among train instances a share ``labelled_share`` is ``labelled``: the
+fine-grained pairs a semi-supervised method may use. The other train photos
+form the unlabelled photo pool; their sketches stay in the table for
+category-level training and for the fully supervised upper bound, unless
+``SyntheticConfig.unlabelled_sketches`` is False (then they are not drawn).
+Test photos are never ``labelled`` (no test pair is used for training).
 
 Determinism: every class draws from its own RNG stream derived from the seed
 and a checksum of the class name, and every instance from a stream derived
@@ -82,7 +82,7 @@ class SyntheticConfig:
     labelled_share: float = 0.2
     line_width: float = 1.0
     clutter: float = 1.0
-    #: keep the sketches of unlabelled train photos as unpaired sketches (photo_id None)
+    #: draw sketches for the unlabelled train photos too (kept with their photo_id)
     unlabelled_sketches: bool = True
 
     def __post_init__(self) -> None:
@@ -976,14 +976,14 @@ def generate(cfg: SyntheticConfig | None = None) -> SyntheticDataset:
                 g_rng, p_rng, s_rng = (np.random.default_rng(c) for c in ss.spawn(3))
                 parts = instance_geometry(name, g_rng)
                 pid = f"{name}_{split}_{idx:05d}"
-                is_lab = bool(labelled[idx]) if split == "train" else True
+                is_lab = bool(labelled[idx]) if split == "train" else False
                 image = render_photo(name, parts, cfg.photo_size, p_rng, cfg.clutter)
                 photos.append(PhotoRecord(pid, name, label, split, is_lab, image))
-                if not is_lab and not cfg.unlabelled_sketches:
+                if split == "train" and not is_lab and not cfg.unlabelled_sketches:
                     continue
                 for k in range(cfg.sketches_per_photo):
                     strokes = draw_sketch(parts, s_rng)
-                    class_sketches.append((pid if is_lab else None, f"{pid}_s{k}", split, strokes))
+                    class_sketches.append((pid, f"{pid}_s{k}", split, strokes))
         if class_sketches:
             ink = rasterise([c[3] for c in class_sketches], size=cfg.sketch_size, line_width=cfg.line_width)
             imgs = np.round(255.0 * (1.0 - ink)).astype(np.uint8)
