@@ -37,7 +37,8 @@ formats (--format) and the layouts they read under --root:
              <stem>-<k> is paired with photo <stem>. --extended-photos adds Sketchy-Extended photos.
   tuberlin   TU-Berlin: <class>/<n>.svg and/or <class>/<n>.png (or svg/<class>/, png/<class>/). SVG paths
              become strokes (group transforms applied, Beziers flattened, one stroke per path); PNG-only
-             sketches keep their raster. --photos adds the extended photo set (<class>/*.jpg).
+             sketches keep their raster. --photos (default: <root>/images/ if present) adds the
+             extended photo set (<class>/*.jpg).
   quickdraw  Quick, Draw!: <word>.ndjson files (simplified [[x..],[y..]] or raw [[x..],[y..],[t..]] strokes,
              optionally .gz), streamed line by line, and sketch-rnn <word>.npz (train/valid/test stroke-3).
              --root may be one file. --photos adds a per-class photo folder (Quick Draw-Extended).

@@ -27,7 +27,7 @@ from sbir.data.format import open_dataset
 from sbir.dfsbir import losses as L
 from sbir.dfsbir.reconstruct import EstimatorObjective, build_estimators, read_bank
 from sbir.dfsbir.teacher import TeacherSet, load_teachers
-from sbir.models.backbones import EncoderPair, to_float
+from sbir.models.backbones import EncoderPair, resize, to_float
 from sbir.train import runtime as rt
 
 PROXY_SCALE = 16.0  # cosine -> logits scale for the proxy classifier (used by KD and the hardness term)
@@ -203,7 +203,9 @@ def distill_loop(config: dict) -> None:
                 pb = torch.stack([by_class_photo[c][torch.randint(0, len(by_class_photo[c]), (1,), generator=gen)][0]
                                   for c in labels_s.tolist()])
                 labels_p = photos.labels[pb]
-                x_p, x_s = to_float(photos.images[pb]).to(device), to_float(sketches.images[sb]).to(device)
+                size = int(blob["params"]["image_size"])  # students see what their teachers saw
+                x_p = resize(to_float(photos.images[pb]), size).to(device)
+                x_s = resize(to_float(sketches.images[sb]), size).to(device)
                 labels_p, labels_s = labels_p.to(device), labels_s.to(device)
             terms = student_losses(students, proxy_loss, teachers, x_p, x_s, p, labels_p, labels_s)
             total = w.proxy * terms["proxy"] + w.teacher_kd * terms["teacher_kd"] + w.cross_modal * terms["cross_modal"]

@@ -1,0 +1,78 @@
+"""The data-free stage functions in-process (local-mode Ray), including the ResNet path that real
+data uses on GPUs: same code, params only."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from sbir.dfsbir.distill import run_distill
+from sbir.dfsbir.evaluate import run_evaluate
+from sbir.dfsbir.reconstruct import read_bank, run_reconstruct
+from sbir.dfsbir.teacher import run_teacher_pretrain
+from sbir.stage import run_stage
+
+
+def _params(tmp_path, dataset, backbone: dict, image_size: int) -> str:
+    params = {
+        "seed": 0, "dataset_dir": str(dataset), "outputs_dir": str(tmp_path / "outputs"),
+        "ray": {"num_workers": 0},
+        "teacher_pretrain": {"backbone": backbone, "image_size": image_size, "epochs": 1, "batch_size": 16},
+        "reconstruct": {"steps": 2, "batch_size": 8, "log_every": 1, "bank_size": 24, "estimator_width": 4,
+                        "latent_dim": 8},
+        "distill": {"student": {"backbone": backbone, "embed_dim": 16}, "rounds": 2, "student_steps": 1,
+                    "batch_size": 8, "log_every": 1, "upper_bound_epochs": 1},
+        "evaluate": {"map_ks": [10], "precision_ks": [5]},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+def _run_all(params: str) -> dict:
+    argv = ["--params", params, "--no-mlflow"]
+    run_stage("teacher_pretrain", run_teacher_pretrain, argv)
+    run_stage("reconstruct", run_reconstruct, argv)
+    run_stage("distill", run_distill, argv, section="distill")
+    run_stage("upper_bound", lambda ctx: run_distill(ctx, source="real"), argv, section="distill")
+    return run_stage("evaluate", run_evaluate, argv)
+
+
+def test_small_cnn_chain_writes_every_output(tmp_path, tiny_dataset):
+    params = _params(tmp_path, tiny_dataset, {"name": "small_cnn", "width": 8, "depth": 3}, 32)
+    metrics = _run_all(params)
+    out = tmp_path / "outputs"
+    assert metrics["num_queries"] == 4 * 8
+    assert 0 <= metrics["crossx_dfl/mAP@all"] <= 1
+    bank = read_bank(str(out / "reconstruct/bank.parquet"))
+    assert bank["photo"].shape == (24, 3, 32, 32) and bank["sketch"].shape == (24, 1, 32, 32)
+    for f in ("teacher_pretrain/teachers.pt", "reconstruct/pairs.png", "distill/students.pt",
+              "upper_bound/students.pt", "evaluate/pr_curve.json", "evaluate/retrievals.png",
+              "evaluate/embeddings/crossx_dfl_query.npy"):
+        assert (out / f).is_file(), f
+    rows = json.loads((out / "evaluate/pr_curve.json").read_text())
+    assert {r["method"] for r in rows} == {"classifier_only", "crossx_dfl", "upper_bound"}
+
+
+@pytest.mark.slow
+def test_resnet18_path_by_params_only(tmp_path, tiny_dataset):
+    """ResNet-18 backbone, images resized to 64 px by the teachers: only params differ."""
+    params = _params(tmp_path, tiny_dataset, {"name": "resnet18"}, 64)
+    metrics = _run_all(params)
+    assert 0 <= metrics["upper_bound/mAP@all"] <= 1
+
+
+def test_resnet18_builds_and_loads_local_weights(tmp_path):
+    import torch
+    import torchvision
+
+    from sbir.config import BackboneParams
+    from sbir.models.backbones import Classifier
+
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    model = Classifier(BackboneParams(name="resnet18", weights_path=str(weights)), 5)
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 5)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Classifier(BackboneParams(name="resnet18", weights_path=str(tmp_path / "missing.pth")), 5)
