@@ -172,3 +172,43 @@ class FineGrainedTripletDataset(Dataset):
         f = to_float_images
         return (f(self.sketches.images[s : s + 1])[0], f(self.photos.images[p : p + 1])[0],
                 f(self.photos.images[n : n + 1])[0])
+
+
+class Stroke5Dataset(Dataset):
+    """(photo, stroke-5 sequence, length) for the photo-to-sketch generator.
+
+    Sketches are RDP-simplified (``epsilon`` in stroke units) and capped at ``max_len`` points; the
+    sequence layout is :func:`sbir.strokes.pad_stroke5`'s (a start token first, end rows after the
+    sketch). Sketches without strokes or without a paired photo are counted in ``skipped`` (with a
+    reason) rather than silently dropped.
+    """
+
+    def __init__(self, sketches: ImageSet, photos: ImageSet, max_len: int = 80, epsilon: float = 2.0) -> None:
+        from sbir.strokes import pad_stroke5, simplify_stroke3
+
+        if not sketches.strokes:
+            raise ValueError("Stroke5Dataset needs sketches loaded with with_strokes=True")
+        pairs = pair_index(sketches, photos)
+        keep, seqs = [], []
+        self.skipped: dict[str, int] = {"no_strokes": 0, "no_photo": 0}
+        for i, s3 in enumerate(sketches.strokes):
+            if s3 is None:
+                self.skipped["no_strokes"] += 1
+            elif int(pairs[i]) < 0:
+                self.skipped["no_photo"] += 1
+            else:
+                keep.append(i)
+                seqs.append(simplify_stroke3(s3, epsilon) if epsilon > 0 else s3)
+        padded, lengths = pad_stroke5(seqs, max_len) if seqs else (np.zeros((0, max_len + 1, 5), np.float32),
+                                                                   np.zeros(0, np.int64))
+        self.sequences = torch.from_numpy(np.asarray(padded, dtype=np.float32))
+        self.lengths = torch.from_numpy(np.asarray(lengths, dtype=np.int64))
+        self.photo_rows = pairs[torch.tensor(keep, dtype=torch.long)] if keep else torch.zeros(0, dtype=torch.long)
+        self.photos = photos
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = int(self.photo_rows[i])
+        return to_float_images(self.photos.images[p : p + 1])[0], self.sequences[i], self.lengths[i]
