@@ -115,3 +115,21 @@ def test_estimator_objective_gradient_reaches_estimators_only():
     assert all(p.grad is not None for p in estimators.photo_estimator.parameters() if p.requires_grad)
     assert all(p.grad is None for p in teachers.parameters())
     assert all(p.grad is None for p in students.parameters())
+
+
+def test_sample_bank_ring_buffer_keeps_newest():
+    from sbir.dfsbir.distill import SampleBank
+
+    def batch(start, n):
+        v = torch.arange(start, start + n)
+        return {"photo": v.view(n, 1, 1, 1).expand(n, 3, 2, 2).to(torch.uint8),
+                "sketch": v.view(n, 1, 1, 1).to(torch.uint8).expand(n, 1, 2, 2),
+                "photo_teacher_label": v, "sketch_teacher_label": v}
+
+    bank = SampleBank(batch(0, 3), capacity=5)
+    assert bank.size == 3
+    bank.add(batch(3, 4))  # 7 items into 5 slots: 0 and 1 are gone
+    assert bank.size == 5
+    assert sorted(bank.data["photo_teacher_label"].tolist()) == [2, 3, 4, 5, 6]
+    s = bank.sample(10, torch.Generator().manual_seed(0))
+    assert set(s["sketch_teacher_label"].tolist()) <= {2, 3, 4, 5, 6}

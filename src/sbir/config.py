@@ -90,6 +90,9 @@ class StudentParams(Params):
     backbone: BackboneParams = BackboneParams()
     embed_dim: int = Field(64, ge=2)
     init_from_teacher: bool = Field(True, description="start each student's backbone from its teacher's")
+    backbone_lr_scale: float = Field(1.0, ge=0, description="backbone lr = distill.lr * scale (0 freezes it)")
+    freeze_bn_stats: bool = Field(True, description="keep BatchNorm statistics fixed while training on samples "
+                                                    "(they come from the teacher's real data)")
 
 
 class DistillLossWeights(Params):

@@ -95,6 +95,9 @@ def run_stage(stage: str, run_fn: Callable[[StageContext], Mapping[str, Any]], a
     args = parser.parse_args(argv)
     params_path = Path(args.params).resolve()
     root = load_params(params_path, parse_overrides(args.overrides))
+    from sbir.train.runtime import set_pipeline
+
+    set_pipeline(root.pipeline)
     out_dir = (REPO_ROOT / root.outputs_dir / (out_name or stage)) if not Path(root.outputs_dir).is_absolute() \
         else Path(root.outputs_dir) / (out_name or stage)
     tmp_out = out_dir.with_name(out_dir.name + ".tmp")

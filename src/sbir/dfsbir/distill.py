@@ -52,24 +52,21 @@ def build_students(p: StudentParams, teachers: TeacherSet | None, teacher_params
 class SampleBank:
     """Fixed-capacity ring buffer of reconstructed pairs (uint8) with the teachers' labels."""
 
+    KEYS = ("photo", "sketch", "photo_teacher_label", "sketch_teacher_label")
+
     def __init__(self, initial: dict[str, torch.Tensor], capacity: int) -> None:
-        n = min(capacity, len(initial["condition"]))
         self.capacity = capacity
-        self.data = {k: v[:n].clone() for k, v in initial.items() if k in ("photo", "sketch", "photo_teacher_label",
-                                                                         "sketch_teacher_label")}
-        self.next = n % capacity
-        self.size = n
+        self.data = {k: torch.empty((capacity, *initial[k].shape[1:]), dtype=initial[k].dtype) for k in self.KEYS}
+        self.size = self.next = 0
+        self.add({k: initial[k][-capacity:] for k in self.KEYS})
 
     def add(self, batch: dict[str, torch.Tensor]) -> None:
-        for i in range(len(batch["photo"])):
-            if self.size < self.capacity and self.next == self.size:
-                for k in self.data:
-                    self.data[k] = torch.cat([self.data[k], batch[k][i : i + 1]])
-                self.size += 1
-            else:
-                for k in self.data:
-                    self.data[k][self.next] = batch[k][i]
-            self.next = (self.next + 1) % self.capacity
+        n = len(batch["photo"])
+        slots = (self.next + torch.arange(n)) % self.capacity  # overwrite the oldest once full
+        for k in self.KEYS:
+            self.data[k][slots] = batch[k]
+        self.next = (self.next + n) % self.capacity
+        self.size = min(self.capacity, self.size + n)
 
     def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, self.size, (n,), generator=generator)
@@ -114,7 +111,14 @@ def distill_loop(config: dict) -> None:
                                      L.init_proxies(init_w, num_classes, p.student.embed_dim,
                                                     torch.Generator().manual_seed(seed)),
                                      p.proxy_margin, p.proxy_alpha).to(device)
-    groups = [{"params": students.parameters(), "lr": p.lr}]
+    backbone = [q for n, q in students.named_parameters() if ".backbone." in n]
+    heads = [q for n, q in students.named_parameters() if ".backbone." not in n]
+    groups = [{"params": heads, "lr": p.lr}]
+    if p.student.backbone_lr_scale > 0:
+        groups.append({"params": backbone, "lr": p.lr * p.student.backbone_lr_scale})
+    else:
+        for q in backbone:
+            q.requires_grad_(False)
     if p.proxy_lr_scale > 0:
         groups.append({"params": proxy_loss.parameters(), "lr": p.lr * p.proxy_lr_scale})
     else:
@@ -176,9 +180,14 @@ def distill_loop(config: dict) -> None:
                 est_opt.step()
                 for k, v in terms.items():
                     sums[f"est_{k}"] = sums.get(f"est_{k}", 0.0) + float(v.detach()) / max(1, p.estimator_steps)
-            students.requires_grad_(True)
+            for n, q in students.named_parameters():
+                q.requires_grad_(p.student.backbone_lr_scale > 0 or ".backbone." not in n)
         # ---- m student steps
         students.train()
+        if p.student.freeze_bn_stats:
+            for m in students.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         for _ in range(p.student_steps):
             labels_p = labels_s = None
             if estimators is not None:

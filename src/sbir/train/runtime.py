@@ -50,10 +50,19 @@ class TrainingOutcome:
 
 
 # ------------------------------------------------------------------------------------ driver side
+_PIPELINE = "default"
+
+
+def set_pipeline(name: str) -> None:
+    """Runs of different pipelines (params files) keep separate Ray folders: ray_results/<pipeline>/<stage>."""
+    global _PIPELINE
+    _PIPELINE = name
+
+
 def ray_results_dir() -> Path:
     from sbir.tracking import REPO_ROOT
 
-    return Path(os.environ.get("SBIR_RAY_RESULTS", REPO_ROOT / "ray_results")).resolve()
+    return (Path(os.environ.get("SBIR_RAY_RESULTS", REPO_ROOT / "ray_results")) / _PIPELINE).resolve()
 
 
 def _ensure_ray(ray_params: RayParams) -> None:
