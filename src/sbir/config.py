@@ -89,6 +89,7 @@ class ReconstructParams(Params):
 class StudentParams(Params):
     backbone: BackboneParams = BackboneParams()
     embed_dim: int = Field(64, ge=2)
+    head: Literal["linear", "mlp"] = Field("mlp", description="projection head on the backbone features")
     init_from_teacher: bool = Field(True, description="start each student's backbone from its teacher's")
     backbone_lr_scale: float = Field(1.0, ge=0, description="backbone lr = distill.lr * scale (0 freezes it)")
     freeze_bn_stats: bool = Field(True, description="keep BatchNorm statistics fixed while training on samples "

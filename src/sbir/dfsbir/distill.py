@@ -34,7 +34,7 @@ PROXY_SCALE = 16.0  # cosine -> logits scale for the proxy classifier (used by K
 
 
 def build_students(p: StudentParams, teachers: TeacherSet | None, teacher_params: dict | None) -> EncoderPair:
-    students = EncoderPair(p.backbone, p.embed_dim)
+    students = EncoderPair(p.backbone, p.embed_dim, p.head)
     if p.init_from_teacher and teachers is not None:
         if teacher_params is not None and teacher_params["backbone"] != p.backbone.model_dump(mode="json"):
             raise ValueError("distill.student.init_from_teacher needs the student backbone to equal "
@@ -244,7 +244,7 @@ def distill_loop(config: dict) -> None:
 def load_students(path: str) -> tuple[EncoderPair, dict[str, Any]]:
     blob = torch.load(path, map_location="cpu", weights_only=False)
     p = DistillParams.model_validate(blob["params"])
-    students = EncoderPair(p.student.backbone, p.student.embed_dim)
+    students = EncoderPair(p.student.backbone, p.student.embed_dim, p.student.head)
     students.load_state_dict(blob["students"])
     return students.eval(), blob
 

@@ -99,13 +99,23 @@ class Classifier(nn.Module):
 
 
 class Encoder(nn.Module):
-    """normalise -> backbone -> linear projection -> L2-normalised embedding (a student / retrieval branch)."""
+    """normalise -> backbone -> projection head -> L2-normalised embedding (a student / retrieval branch).
 
-    def __init__(self, backbone: BackboneParams, embed_dim: int) -> None:
+    ``head='mlp'`` (Linear-ReLU-Linear) lets the embedding sharpen class structure non-linearly, the
+    way a softmax sharpens logits; a linear head only rotates and scales the backbone features.
+    """
+
+    def __init__(self, backbone: BackboneParams, embed_dim: int, head: str = "linear") -> None:
         super().__init__()
         self.normalise = Normalise()
         self.backbone = build_backbone(backbone)
-        self.project = nn.Linear(self.backbone.out_dim, embed_dim)
+        d = self.backbone.out_dim
+        if head == "mlp":
+            self.project = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, embed_dim))
+        elif head == "linear":
+            self.project = nn.Linear(d, embed_dim)
+        else:
+            raise ValueError(f"unknown projection head {head!r} (expected 'linear' or 'mlp')")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.project(self.backbone(self.normalise(x))), dim=-1)
@@ -114,10 +124,10 @@ class Encoder(nn.Module):
 class EncoderPair(nn.Module):
     """The photo encoder and the sketch encoder that embed into one space."""
 
-    def __init__(self, backbone: BackboneParams, embed_dim: int) -> None:
+    def __init__(self, backbone: BackboneParams, embed_dim: int, head: str = "linear") -> None:
         super().__init__()
-        self.photo_encoder = Encoder(backbone, embed_dim)
-        self.sketch_encoder = Encoder(backbone, embed_dim)
+        self.photo_encoder = Encoder(backbone, embed_dim, head)
+        self.sketch_encoder = Encoder(backbone, embed_dim, head)
 
     def forward(self, photos: torch.Tensor, sketches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.photo_encoder(photos), self.sketch_encoder(sketches)
