@@ -9,11 +9,13 @@ BIN := $(VENV)/bin
 INSTALL_KEY := $(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(INSTALL_KEY)
 PYTEST_ARGS ?=
+PIPELINE ?= dvc.yaml
 
 .PHONY: setup repro test test-all mlflow-ui clean-outputs help
 
 help:
-	@echo "make repro     - install (once) and run the whole pipeline with 'dvc repro'"
+	@echo "make repro     - install (once) and run the default pipeline with 'dvc repro dvc.yaml'"
+	@echo "                 (PIPELINE=pipelines/sketchy-mini/dvc.yaml for a real-data pipeline)"
 	@echo "make test      - install (once) and run the test suite (slow tests excluded; make test-all for all)"
 	@echo "make mlflow-ui - open the MLflow UI on the project's store (http://127.0.0.1:5000)"
 
@@ -26,7 +28,7 @@ $(STAMP):
 setup: $(STAMP)
 
 repro: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro $(DVC_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro $(PIPELINE) $(DVC_ARGS)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

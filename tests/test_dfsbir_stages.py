@@ -22,7 +22,7 @@ def _params(tmp_path, dataset, backbone: dict, image_size: int) -> str:
         "reconstruct": {"steps": 2, "batch_size": 8, "log_every": 1, "bank_size": 24, "estimator_width": 4,
                         "latent_dim": 8},
         "distill": {"student": {"backbone": backbone, "embed_dim": 16}, "rounds": 2, "student_steps": 1,
-                    "batch_size": 8, "log_every": 1, "upper_bound_epochs": 1},
+                    "batch_size": 8, "log_every": 1, "upper_bound_rounds": 2},
         "evaluate": {"map_ks": [10], "precision_ks": [5]},
     }
     path = tmp_path / "params.yaml"

@@ -20,7 +20,7 @@ TINY = {
     "prepare": {"num_classes": 4, "train_instances_per_class": 24, "test_instances_per_class": 8},
     "teacher_pretrain": {"epochs": 2, "batch_size": 32},
     "reconstruct": {"steps": 4, "batch_size": 16, "log_every": 2, "bank_size": 64},
-    "distill": {"rounds": 4, "student_steps": 2, "batch_size": 16, "log_every": 2, "upper_bound_epochs": 1},
+    "distill": {"rounds": 4, "student_steps": 2, "batch_size": 16, "log_every": 2, "upper_bound_rounds": 2},
     "evaluate": {"map_ks": [20], "precision_ks": [10, 20]},
 }
 

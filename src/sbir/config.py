@@ -121,7 +121,8 @@ class DistillParams(Params):
     replay_fraction: float = Field(0.5, ge=0, le=1, description="share of each student batch drawn from the bank")
     log_every: int = Field(25, ge=1)
     # the data-dependent upper bound reuses this loop with real pairs and the same losses
-    upper_bound_epochs: int = Field(10, ge=1)
+    upper_bound_rounds: int | None = Field(None, ge=1, description="rounds on real pairs; null = same as rounds "
+                                                                   "(the same number of student updates)")
 
 
 class EvaluateParams(Params):

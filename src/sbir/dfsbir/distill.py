@@ -140,8 +140,7 @@ def distill_loop(config: dict) -> None:
         ds = open_dataset(config["dataset_dir"])
         photos = load_image_set(ds, "photos", ["train"])
         sketches = load_image_set(ds, "sketches", ["train"])
-        steps_per_epoch = max(1, len(sketches) // (p.batch_size * rt.world()[1]))
-        rounds = p.upper_bound_epochs * steps_per_epoch // p.student_steps
+        rounds = p.upper_bound_rounds or p.rounds
 
     start, history = 0, []
     state = rt.restore()
