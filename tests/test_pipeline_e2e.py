@@ -22,6 +22,9 @@ TINY = {
     "reconstruct": {"steps": 4, "batch_size": 16, "log_every": 2, "bank_size": 64},
     "distill": {"rounds": 4, "student_steps": 2, "batch_size": 16, "log_every": 2, "upper_bound_rounds": 2},
     "evaluate": {"map_ks": [20], "precision_ks": [10, 20]},
+    "sketch_generator": {"steps": 4, "batch_size": 8, "log_every": 2, "eval_pairs": 8, "num_preview": 4},
+    "fgsbir_joint": {"supervised_steps": 4, "joint_steps": 4, "batch_size": 8, "pseudo_batch_size": 8, "log_every": 2,
+                     "discriminator": {"warmup_steps": 2}, "policy_gradient": {"every": 2, "batch_size": 4}},
 }
 
 
@@ -80,7 +83,11 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
             "print(json.dumps(sorted(r.data.tags['sbir.stage'] for r in tracking.find_runs('embedded-default'))))")
     stages = json.loads(subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                                        text=True, check=True).stdout)
-    assert stages == sorted(["prepare", "teacher_pretrain", "reconstruct", "distill", "upper_bound", "evaluate"])
+    assert stages == sorted(["prepare", "teacher_pretrain", "reconstruct", "distill", "upper_bound", "evaluate",
+                             "sketch_generator", "pseudo_pairs", "fgsbir_joint", "fg_evaluate"])
+    fg = json.loads((root / "outputs/fg_evaluate/metrics.json").read_text())
+    for model in ("supervised", "semi", "full"):
+        assert 0.0 <= fg[f"{model}/acc@1"] <= fg[f"{model}/acc@10"] <= 1.0
 
     # the data-free guarantee: with the dataset gone, reconstruct and distill still run
     shutil.move(root / "data", tmp_path / "data_away")

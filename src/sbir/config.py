@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sbir.fgsbir.params import FGEvaluateParams, FGJointParams, GeneratorParams, PseudoPairsParams
+
 
 class Params(BaseModel):
     """Base for every params section: unknown keys are errors, not silently ignored."""
@@ -145,6 +147,11 @@ class Root(Params):
     reconstruct: ReconstructParams = ReconstructParams()
     distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
+    # the semi-supervised fine-grained part (models in sbir.fgsbir.params)
+    sketch_generator: GeneratorParams = GeneratorParams()
+    pseudo_pairs: PseudoPairsParams = PseudoPairsParams()
+    fgsbir_joint: FGJointParams = FGJointParams()
+    fg_evaluate: FGEvaluateParams = FGEvaluateParams()
     # sections added by later stages are validated by their own models (see STAGE_SECTIONS)
     extra_sections: dict[str, Any] = Field(default_factory=dict, exclude=True)
 

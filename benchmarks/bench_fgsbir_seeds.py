@@ -1,0 +1,97 @@
+"""Seed spread of the semi-supervised FG-SBIR results.
+
+Runs the four fine-grained stages (sketch_generator -> pseudo_pairs -> fgsbir_joint -> fg_evaluate)
+once per seed, each seed in its own output folder (``--work``/seed_<n>), with the repository's
+params plus ``--set`` overrides, and prints mean ± std (over seeds) of Acc@1/5/10 per model. The
+data-free students are read from ``--students`` (default outputs/distill/students.pt; the data-free
+stages are not rerun). Writes a JSON with the per-seed numbers and the summary.
+
+    python benchmarks/bench_fgsbir_seeds.py                       # seeds 0 1 2, the params file's Ray workers
+    python benchmarks/bench_fgsbir_seeds.py --seeds 0 1 --set fgsbir_joint.ablations=[no_weighting]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    ap.add_argument("--workers", type=int, default=None,
+                    help="ray.num_workers (0: in-process local mode; default: the params file's)")
+    ap.add_argument("--students", default=str(REPO / "outputs/distill/students.pt"))
+    ap.add_argument("--work", default=str(REPO / "benchmarks/results/fgsbir_seeds"), help="per-seed output folders")
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/fgsbir_seeds.json"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra param overrides for every stage (repeatable)")
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    from sbir.fgsbir.evaluate import run_fg_evaluate
+    from sbir.fgsbir.generator_train import run_sketch_generator
+    from sbir.fgsbir.joint import run_fgsbir_joint
+    from sbir.fgsbir.pseudo_pairs import run_pseudo_pairs
+    from sbir.stage import run_stage
+
+    work = Path(args.work).resolve()
+    os.environ.setdefault("SBIR_RAY_RESULTS", str(work / "ray_results"))
+    stages = [("sketch_generator", run_sketch_generator), ("pseudo_pairs", run_pseudo_pairs),
+              ("fgsbir_joint", run_fgsbir_joint), ("fg_evaluate", run_fg_evaluate)]
+    per_seed: dict[int, dict] = {}
+    for seed in args.seeds:
+        out = work / f"seed_{seed}"
+        sets = [f"seed={seed}", f"outputs_dir={out}", f"fgsbir_joint.students_path={Path(args.students).resolve()}",
+                *([f"ray.num_workers={args.workers}"] if args.workers is not None else []), *args.overrides]
+        argv_s = ["--params", args.params, "--no-mlflow", "--restart"] + [x for s in sets for x in ("--set", s)]
+        seconds = {}
+        for name, fn in stages:
+            t0 = time.time()
+            metrics = run_stage(name, fn, argv=argv_s)
+            seconds[name] = round(time.time() - t0, 1)
+        per_seed[seed] = {"metrics": metrics, "seconds": seconds}
+        print(f"seed {seed}: " + ", ".join(f"{k} {v} s" for k, v in seconds.items()), flush=True)
+
+    models = []
+    for m in per_seed[args.seeds[0]]["metrics"]:
+        name = m.split("/")[0]
+        if m.endswith(f"/acc@{args.ks[0]}") and name not in models and name != "semi_minus_supervised":
+            models.append(name)
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for name in models:
+        summary[name] = {}
+        for k in args.ks:
+            vals = np.array([per_seed[s]["metrics"][f"{name}/acc@{k}"] for s in args.seeds], dtype=float)
+            summary[name][f"acc@{k}"] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                                         "values": vals.tolist()}
+    gains = np.array([per_seed[s]["metrics"].get("semi_minus_supervised/acc@1", float("nan")) for s in args.seeds])
+    lines = [f"FG-SBIR over seeds {args.seeds} (mean ± std, sample std)",
+             "| model | " + " | ".join(f"Acc@{k}" for k in args.ks) + " |", "|---" * (len(args.ks) + 1) + "|"]
+    for name in models:
+        lines.append(f"| {name} | " + " | ".join(f"{summary[name][f'acc@{k}']['mean']:.4f} ± {summary[name][f'acc@{k}']['std']:.4f}"
+                                                 for k in args.ks) + " |")
+    if np.isfinite(gains).all():
+        lines.append(f"semi - supervised, Acc@1 per seed: {gains.round(4).tolist()} (semi better in "
+                     f"{int((gains > 0).sum())}/{len(gains)})")
+    text = "\n".join(lines)
+    print(text)
+    result = {"seeds": args.seeds, "overrides": args.overrides, "workers": args.workers, "summary": summary,
+              "per_seed": {str(s): v for s, v in per_seed.items()}, "table": text}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"-> {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

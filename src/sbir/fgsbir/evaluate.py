@@ -1,0 +1,133 @@
+"""fg_evaluate: instance-level retrieval on the test split.
+
+Queries: the test sketches with a photo in the test gallery; gallery: every test photo. For each
+model (the variants and ablations fgsbir_joint wrote, in a fixed order) the rank of the true photo
+(``sbir.metrics.true_match_ranks``: ties count against the query) and Acc@K. The chance row is
+exact: Acc@K = min(K, N) / N for a gallery of N photos. Embeddings, true indices and ranks are saved
+(.npy) so every number can be recomputed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from sbir.data.datasets import ImageSet, load_image_set, pair_index
+from sbir.data.format import open_dataset
+from sbir.fgsbir.generator_train import torch_threads
+from sbir.fgsbir.joint import load_retrieval_checkpoint
+from sbir.fgsbir.params import FGEvaluateParams
+from sbir.metrics import accuracy_at_k, cosine_similarity_matrix, true_match_ranks
+from sbir.models.backbones import resize, to_float
+
+ORDER = ["supervised", "semi", "full", "semi_no_weighting", "semi_no_consistency", "semi_no_policy_gradient",
+         "semi_no_pseudo_triplet", "supervised_pretrain", "full_pretrain"]
+
+
+@torch.no_grad()
+def embed(encoder: torch.nn.Module, images: torch.Tensor, batch: int = 256, size: int | None = None) -> torch.Tensor:
+    """Embeddings of uint8 images (resized to ``size`` when given), in batches."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = to_float(images[i : i + batch])
+        out.append(encoder(resize(x, size) if size else x).float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def fine_grained_metrics(query_emb, gallery_emb, true_index, ks: Sequence[int] = (1, 5, 10)
+                         ) -> tuple[dict[str, float], np.ndarray]:
+    """Acc@K (keys ``acc@K``), mean and median rank, and the ranks themselves."""
+    ranks = true_match_ranks(query_emb, gallery_emb, true_index)
+    m = accuracy_at_k(ranks, ks)
+    m["mean_rank"] = float(ranks.mean())
+    m["median_rank"] = float(np.median(ranks))
+    return m, ranks
+
+
+def chance_metrics(gallery_size: int, ks: Sequence[int]) -> dict[str, float]:
+    n = gallery_size
+    out = {f"acc@{k}": min(k, n) / n for k in ks}
+    out["mean_rank"] = (n + 1) / 2
+    out["median_rank"] = (n + 1) / 2
+    return out
+
+
+def query_rows(ds) -> tuple[ImageSet, ImageSet, torch.Tensor, torch.Tensor]:
+    """(test sketches, test photos, query sketch rows, their true photo rows)."""
+    sketches = load_image_set(ds, "sketches", ["test"])
+    photos = load_image_set(ds, "photos", ["test"])
+    pidx = pair_index(sketches, photos)
+    q = torch.nonzero(pidx >= 0).flatten()
+    return sketches, photos, q, pidx[q]
+
+
+def results_markdown(table: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
+    keys = [f"acc@{k}" for k in ks] + ["mean_rank"]
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for m, vals in table.items():
+        lines.append(f"| {m} | " + " | ".join(f"{vals[k]:.4f}" if k.startswith("acc") else f"{vals[k]:.1f}"
+                                              for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_fg_evaluate(ctx) -> dict[str, Any]:
+    with torch_threads(ctx.params.ray.torch_threads_per_worker):
+        return _run_fg_evaluate(ctx)
+
+
+def _run_fg_evaluate(ctx) -> dict[str, Any]:
+    from sbir.plots import plot_rank_histogram, plot_retrievals
+
+    p: FGEvaluateParams = ctx.params.fg_evaluate
+    ds = open_dataset(ctx.path(ctx.params.dataset_dir))
+    sketches, photos, q_rows, true_idx = query_rows(ds)
+    if len(q_rows) == 0 or len(photos) == 0:
+        raise ValueError(f"{ds.root}: no test sketch has its photo in the test split")
+    ck_dir = ctx.stage_dir("fgsbir_joint") / "checkpoints"
+    found = {f.stem: f for f in sorted(ck_dir.glob("*.pt")) if not f.stem.endswith("discriminator")}
+    if not found:
+        raise FileNotFoundError(f"{ck_dir} holds no model checkpoint: run the fgsbir_joint stage first")
+    names = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    emb_dir = ctx.tmp_out / "embeddings"
+    emb_dir.mkdir()
+    np.save(emb_dir / "true_index.npy", true_idx.numpy())
+    (emb_dir / "ids.json").write_text(json.dumps({"query_ids": [sketches.ids[i] for i in q_rows.tolist()],
+                                                  "gallery_ids": photos.ids}))
+    table: dict[str, dict[str, float]] = {"chance": chance_metrics(len(photos), p.ks)}
+    ranks_by: dict[str, np.ndarray] = {}
+    embs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in names:
+        model, blob = load_retrieval_checkpoint(found[name])
+        size = blob["arch"].get("image_size")
+        q = embed(model.sketch_encoder, sketches.images[q_rows], p.batch_size, size)
+        g = embed(model.photo_encoder, photos.images, p.batch_size, size)
+        table[name], ranks_by[name] = fine_grained_metrics(q, g, true_idx, p.ks)
+        embs[name] = (q, g)
+        np.save(emb_dir / f"{name}_query.npy", q.numpy())
+        np.save(emb_dir / f"{name}_gallery.npy", g.numpy())
+        np.save(emb_dir / f"{name}_ranks.npy", ranks_by[name])
+    plot_rank_histogram(ranks_by, ctx.tmp_out / "rank_histogram.png", max_rank=p.max_rank_shown,
+                        title="rank of the true photo (test sketches -> test photos)")
+    # top-k retrievals of evenly spread queries, for the headline model (semi) and the supervised baseline
+    pick = torch.linspace(0, len(q_rows) - 1, min(p.num_retrieval_examples, len(q_rows))).round().long()
+    gallery_imgs = [photos.images[i].permute(1, 2, 0).numpy() for i in range(len(photos))]
+    for name in [n for n in ("semi", "supervised") if n in embs] or names[:1]:
+        q, g = embs[name]
+        top = cosine_similarity_matrix(q[pick], g).topk(min(p.top_k_shown, len(photos)), dim=1).indices.numpy()
+        correct = top == true_idx[pick].numpy()[:, None]
+        plot_retrievals([sketches.images[q_rows[i], 0].numpy() for i in pick.tolist()], gallery_imgs, top, correct,
+                        ctx.tmp_out / f"retrievals_{name}.png",
+                        title=f"{name}: test sketch -> top-{top.shape[1]} test photos (green = its photo)")
+    metrics: dict[str, Any] = {f"{m}/{k}": round(float(v), 4) for m, vals in table.items() for k, v in vals.items()}
+    if "semi" in table and "supervised" in table:
+        for k in p.ks:
+            metrics[f"semi_minus_supervised/acc@{k}"] = round(table["semi"][f"acc@{k}"] - table["supervised"][f"acc@{k}"], 4)
+    metrics["num_queries"], metrics["gallery_size"] = len(q_rows), len(photos)
+    (ctx.tmp_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    md = results_markdown(table, p.ks)
+    (ctx.tmp_out / "results_table.md").write_text(md)
+    print(md)
+    return metrics

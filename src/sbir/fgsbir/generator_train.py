@@ -1,0 +1,306 @@
+"""sketch_generator: pretrain the photo-to-sketch generator G on the labelled pairs (VAE loss).
+
+Data: the train sketches whose photo is *labelled* (the photos' ``labelled`` flag alone decides what
+is labelled, whether or not other sketches also keep a photo_id). Each sketch is RDP-simplified
+(``rdp_epsilon``, in the data's stroke units), converted to stroke-5 and capped at ``max_len`` rows
+(``sbir.strokes.pad_stroke5`` truncates and lifts the pen at the cut); offsets are standardised by
+the pooled std of the simplified training offsets, stored in the model (``offset_scale``).
+
+One Ray Train fit: each worker draws random batches of ``batch_size`` pairs (per worker, as in the
+other stages), gradients are averaged with ``rt.sync_gradients`` and clipped after the average, so
+every worker takes the same step. The VAE loss of ``eval_pairs`` *test* pairs is logged for the curves (never used to select
+anything).
+
+This module also holds the helpers the later fine-grained stages share: the pair indices, the photo
+input of G and the rendering of generated strokes with :func:`sbir.strokes.rasterise` (the one
+rasteriser for real and generated sketches).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from sbir import strokes as S
+from sbir.data.datasets import ImageSet, load_image_set, pair_index
+from sbir.data.format import open_dataset
+from sbir.fgsbir.params import GeneratorParams
+from sbir.models.backbones import to_float
+from sbir.models.sketch_generator import PhotoToSketchGenerator, SketchGeneratorConfig
+from sbir.train import runtime as rt
+
+
+# ----------------------------------------------------------------------------- shared helpers
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with ``n`` torch intra-op threads (the stages that work outside Ray use the Ray
+    workers' ``ray.torch_threads_per_worker``: on a busy machine extra threads mostly wait)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def fine_grained_pairs(sketches: ImageSet, photos: ImageSet, labelled_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sketch rows, photo rows) of the sketch-photo pairs.
+
+    ``labelled_only``: only pairs whose photo is flagged ``labelled`` (the labelled share); otherwise
+    every sketch whose ``photo_id`` is a photo of ``photos`` (the fully supervised upper bound).
+    """
+    pidx = pair_index(sketches, photos)
+    keep = pidx >= 0
+    if labelled_only:
+        if photos.labelled is None:
+            raise ValueError("photos carry no 'labelled' flag")
+        keep &= photos.labelled[pidx.clamp_min(0)]
+    s_rows = torch.nonzero(keep).flatten()
+    return s_rows, pidx[s_rows]
+
+
+def photo_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 photos (N,3,H,W) -> G's input: float in [0, 1]."""
+    return to_float(images)
+
+
+def render_sketches(strokes: Sequence[np.ndarray], size: int, line_width: float) -> torch.Tensor:
+    """Stroke-3 sketches -> uint8 (N,1,size,size), black ink on white, exactly as the dataset's sketches
+    (``sbir.data.synthetic`` renders ``round(255 * (1 - rasterise(...)))``)."""
+    if len(strokes) == 0:
+        return torch.zeros((0, 1, size, size), dtype=torch.uint8)
+    ink = S.rasterise(list(strokes), size=size, line_width=line_width)
+    return torch.from_numpy(np.round(255.0 * (1.0 - ink)).astype(np.uint8))[:, None]
+
+
+def simplify_all(strokes: Sequence[np.ndarray | None], epsilon: float) -> list[np.ndarray | None]:
+    """RDP-simplify (``epsilon`` > 0) and translate each sketch to start at the origin: the first stroke-3
+    row is an offset from (0, 0), i.e. the sketch's absolute position, which the rasteriser discards (it
+    fits the bounding box) and which would otherwise dominate the offset std."""
+    out: list[np.ndarray | None] = []
+    for s in strokes:
+        if s is None:
+            out.append(None)
+            continue
+        a = S.simplify_stroke3(s, epsilon) if epsilon > 0 else np.array(s, dtype=np.float32)
+        if len(a):
+            a[0, :2] = 0.0
+        out.append(a)
+    return out
+
+
+def generator_config(p: GeneratorParams, image_size: int) -> SketchGeneratorConfig:
+    return SketchGeneratorConfig(
+        image_size=image_size, in_channels=3, encoder_channels=tuple(p.encoder_channels),
+        feature_stride=p.feature_stride, latent_dim=p.latent_dim, decoder_hidden=p.decoder_hidden,
+        attention_dim=p.attention_dim, num_mixtures=p.num_mixtures, max_len=p.max_len, kl_floor=p.kl_floor,
+        kl_weight=p.kl_weight, kl_weight_start=p.kl_weight_start, kl_anneal_steps=p.kl_anneal_steps,
+        grad_clip=p.grad_clip)
+
+
+def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tuple[PhotoToSketchGenerator, dict[str, Any]]:
+    """G from the checkpoint written by the sketch_generator stage (eval mode)."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = SketchGeneratorConfig(**{**blob["config"], "encoder_channels": tuple(blob["config"]["encoder_channels"])})
+    g = PhotoToSketchGenerator(cfg)
+    g.load_state_dict(blob["model"])
+    return g.to(device).eval(), blob
+
+
+class StrokeBank:
+    """Padded stroke-5 tensors of a set of sketches; batches are trimmed to their longest sketch."""
+
+    def __init__(self, strokes: Sequence[np.ndarray], max_len: int) -> None:
+        x, lengths = S.pad_stroke5(list(strokes), max_len)
+        self.x = torch.from_numpy(x)
+        self.lengths = torch.from_numpy(lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = self.lengths[idx]
+        return self.x[idx, : int(lengths.max()) + 1], lengths
+
+
+def generator_pairs(ds, split: str, p: GeneratorParams, labelled_only: bool
+                    ) -> tuple[ImageSet, torch.Tensor, list[np.ndarray]]:
+    """Photos of ``split``, the photo row of every usable pair and its simplified strokes."""
+    photos = load_image_set(ds, "photos", [split])
+    sketches = load_image_set(ds, "sketches", [split], with_strokes=True)
+    s_rows, p_rows = fine_grained_pairs(sketches, photos, labelled_only)
+    strokes = simplify_all([sketches.strokes[i] if sketches.strokes else None for i in s_rows.tolist()],
+                           p.rdp_epsilon)
+    ok = [i for i, s in enumerate(strokes) if s is not None and len(s) > 0]
+    return photos, p_rows[ok], [strokes[i] for i in ok]
+
+
+def _cosine_factor(step: int, total: int, floor: float) -> float:
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+# ----------------------------------------------------------------------------- the Ray loop
+def generator_loop(config: dict) -> None:
+    device = rt.setup_worker(config)
+    p = GeneratorParams.model_validate(config["params"])
+    seed = int(config["seed"])
+    torch.manual_seed(seed)
+    rank, world = rt.world()
+    ds = open_dataset(config["dataset_dir"])
+    photos, p_rows, strokes = generator_pairs(ds, "train", p, labelled_only=True)
+    if not strokes:
+        raise ValueError(f"{ds.root}: no labelled train pair with strokes to train the sketch generator on")
+    bank = StrokeBank(strokes, p.max_len)
+    photo_f = photo_input(photos.images)
+    eval_photos, eval_rows, eval_strokes = (None, None, [])
+    if p.eval_pairs > 0:
+        t_photos, t_rows, t_strokes = generator_pairs(ds, "test", p, labelled_only=False)
+        eval_photos, eval_rows, eval_strokes = photo_input(t_photos.images), t_rows[: p.eval_pairs], t_strokes[: p.eval_pairs]
+    eval_bank = StrokeBank(eval_strokes, p.max_len) if eval_strokes else None
+
+    cfg = generator_config(p, int(photos.images.shape[-1]))
+    scale = S.stroke3_offset_std(strokes)
+    model = PhotoToSketchGenerator(cfg, offset_scale=scale).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=p.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_factor(s, p.steps, p.min_lr_ratio))
+    start, history = 0, []
+    state = rt.restore()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, history = state["step"] + 1, state["history"]
+    rt.broadcast_module(model)
+    gen = torch.Generator().manual_seed(seed * 7919 + 17 * rank + start)
+    per_worker = p.batch_size  # per worker, as in the other stages: more workers = a larger global batch
+    run = config.get("mlflow_run")
+    sums: dict[str, float] = {}
+    count, t0 = 0, time.time()
+    for step in rt.progress(range(start, p.steps), total=p.steps - start, desc="sketch generator"):
+        model.train()
+        idx = torch.randint(0, len(bank), (per_worker,), generator=gen)
+        x, lengths = bank.batch(idx)
+        out = model.loss(photo_f[p_rows[idx]].to(device), x.to(device), lengths.to(device), step=step)
+        terms = {k: out[k] for k in ("total", "gmm_nll", "pen_ce", "kl")}
+        rt.check_finite(terms, step, "sketch_generator")
+        opt.zero_grad(set_to_none=True)
+        out["total"].backward()
+        rt.sync_gradients(model)
+        model.clip_gradients()
+        opt.step()
+        sched.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        count += 1
+        if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
+            metrics = {f"train_{k}": v / count for k, v in sums.items()}
+            if eval_bank is not None:
+                metrics.update(_eval_loss(model, eval_bank, eval_photos, eval_rows, device))
+            metrics = rt.mean_over_workers(metrics)
+            metrics.update(step=step, seconds_per_step=(time.time() - t0) / count, lr=sched.get_last_lr()[0],
+                           kl_weight=model.kl_weight_at(step))
+            history.append(metrics)
+            if run is not None and rt.is_rank0():
+                run.log_metrics(metrics, step=step)
+            rt.report(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "step": step, "history": history,
+                                "params": p.model_dump(mode="json"), "config": cfg.to_dict(),
+                                "offset_scale": model.offset_scale.tolist(), "num_pairs": len(bank)})
+            sums, count, t0 = {}, 0, time.time()
+
+
+@torch.no_grad()
+def _eval_loss(model: PhotoToSketchGenerator, bank: StrokeBank, photo_f: torch.Tensor, p_rows: torch.Tensor,
+               device) -> dict[str, float]:
+    """VAE loss (final KL weight, latent = mu) on this rank's share of the evaluation pairs."""
+    rank, world = rt.world()
+    idx = torch.arange(rank, len(bank), world)
+    if len(idx) == 0:
+        idx = torch.arange(0, 1)
+    model.eval()
+    x, lengths = bank.batch(idx)
+    out = model.loss(photo_f[p_rows[idx]].to(device), x.to(device), lengths.to(device), step=None)
+    model.train()
+    return {f"eval_{k}": float(out[k]) for k in ("total", "gmm_nll", "pen_ce", "kl")}
+
+
+# ----------------------------------------------------------------------------- the stage body
+@torch.no_grad()
+def draw(model: PhotoToSketchGenerator, photos_u8: torch.Tensor, temperature: float, greedy: bool = False,
+         seed: int = 0, batch_size: int = 256) -> tuple[list[np.ndarray], torch.Tensor, torch.Tensor]:
+    """One generated sketch per photo: (stroke-3 list, log-likelihood (N,), lengths (N,) incl. the end row)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out_strokes: list[np.ndarray] = []
+    lps, lens = [], []
+    model.eval()
+    for i in range(0, len(photos_u8), batch_size):
+        s5, lengths, lp = model.sample(photo_input(photos_u8[i : i + batch_size]).to(device),
+                                       temperature=temperature, greedy=greedy, generator=gen)
+        out_strokes += model.to_stroke3(s5, lengths)
+        lps.append(lp.cpu())
+        lens.append(lengths.cpu())
+    if not lps:
+        return [], torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return out_strokes, torch.cat(lps), torch.cat(lens)
+
+
+def run_sketch_generator(ctx) -> dict[str, Any]:
+    """Stage body: train G on Ray; write ``generator.pt``, curves, samples and metrics."""
+    with torch_threads(ctx.params.ray.torch_threads_per_worker):
+        return _run_sketch_generator(ctx)
+
+
+def _run_sketch_generator(ctx) -> dict[str, Any]:
+    from sbir.plots import image_grid, plot_loss_curves
+
+    p: GeneratorParams = ctx.params.sketch_generator
+    dataset_dir = ctx.path(ctx.params.dataset_dir)
+    ds = open_dataset(dataset_dir)  # fail fast, before Ray starts
+    config = {"params": p.model_dump(mode="json"), "seed": ctx.params.seed, "dataset_dir": str(dataset_dir),
+              "mlflow_run": ctx.run}
+    outcome = rt.run_training("sketch_generator", generator_loop, config, ctx.params.ray, ctx.params_digest(p),
+                              resume=ctx.resume)
+    state = outcome.state
+    torch.save({k: state[k] for k in ("model", "optimizer", "scheduler", "step", "params", "config", "offset_scale",
+                                      "num_pairs")}, ctx.tmp_out / "generator.pt")
+    history = state["history"]
+    (ctx.tmp_out / "history.json").write_text(json.dumps(history, indent=2))
+    keys = [k for k in history[-1] if k.startswith(("train_", "eval_"))]
+    plot_loss_curves({k: [h.get(k, float("nan")) for h in history] for k in keys}, ctx.tmp_out / "curves.png",
+                     title="sketch_generator (VAE loss)", xlabel="log interval")
+
+    # samples: test photos, two generated sketches each, the real sketch; one rasteriser for all
+    model, _ = load_generator(ctx.tmp_out / "generator.pt")
+    t_photos, t_rows, t_strokes = generator_pairs(ds, "test", p, labelled_only=False)
+    n = min(p.num_preview, len(t_strokes))
+    size = int(load_image_set(ds, "sketches", ["test"]).images.shape[-1]) if n else 32
+    metrics: dict[str, Any] = {}
+    if n:
+        pick = torch.linspace(0, len(t_strokes) - 1, n).round().long()
+        ph = t_photos.images[t_rows[pick]]
+        gen_a, _, len_a = draw(model, ph, p.preview_temperature, seed=ctx.params.seed)
+        gen_b, _, _ = draw(model, ph, p.preview_temperature, seed=ctx.params.seed + 1)
+        gen_g, _, _ = draw(model, ph, 1.0, greedy=True)
+        real = [t_strokes[i] for i in pick.tolist()]
+        imgs = [render_sketches(s, size, 1.0) for s in (gen_a, gen_b, gen_g, real)]
+        rows = [[ph[i].permute(1, 2, 0).numpy()] + [im[i, 0].numpy() for im in imgs] for i in range(n)]
+        image_grid(rows, ctx.tmp_out / "samples.png",
+                   col_labels=["photo", f"G T={p.preview_temperature}", f"G T={p.preview_temperature}", "G greedy",
+                               "real"], title="sketch_generator on test photos")
+        metrics["preview_mean_points_generated"] = round(float(np.mean([len(s) for s in gen_a])), 1)
+        metrics["preview_mean_points_real"] = round(float(np.mean([len(s) for s in real])), 1)
+    last = history[-1]
+    metrics.update({k: round(float(v), 4) for k, v in last.items() if k.startswith(("train_", "eval_"))})
+    metrics.update(steps=state["step"] + 1, num_pairs=state["num_pairs"],
+                   offset_scale=round(float(state["offset_scale"][0]), 4),
+                   seconds_per_step=round(last["seconds_per_step"], 4), train_seconds=round(outcome.seconds, 1),
+                   resumed=outcome.resumed)
+    (ctx.tmp_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

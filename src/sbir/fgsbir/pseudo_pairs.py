@@ -1,0 +1,154 @@
+"""pseudo_pairs: G draws one sketch for every unlabelled train photo.
+
+Output ``pseudo_pairs.parquet`` (schema :data:`PSEUDO_SCHEMA`), one row per unlabelled photo:
+photo_id, label, the generated stroke-3 sketch, its image (PNG, rendered by
+``sbir.strokes.rasterise`` at the dataset's sketch size, as real sketches are), the generator's
+per-sequence log-likelihood (over standardised offsets and pen states, under the tempered
+distribution it was sampled from), the number of points, whether the sequence was forced to end at
+``max_len``, and ``discriminator_score``.
+
+The discriminator D does not exist yet at this stage: it is trained against G's sketches inside the
+joint loop (fgsbir_joint), because it has to follow G as REINFORCE changes it. So
+``discriminator_score`` is null here; fgsbir_joint writes the final D's score of every pair to
+``outputs/fgsbir_joint/pseudo_scores.parquet`` (with the log-likelihood next to it).
+
+Inference only, so no Ray Train job: starting Ray costs more than drawing ~2k sketches (batched,
+a few seconds on a CPU). ``pairs.png``: photo / generated / real sketch, for unlabelled photos (the
+real column stays blank when their sketches carry no photo_id) and for test photos.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sbir.data.datasets import load_image_set, pair_index
+from sbir.data.format import STROKE3_TYPE, decode_image, encode_png, open_dataset, strokes_from_arrow, strokes_to_arrow
+from sbir.fgsbir.generator_train import draw, load_generator, render_sketches, torch_threads
+from sbir.fgsbir.params import PseudoPairsParams
+
+PSEUDO_SCHEMA = pa.schema([
+    ("photo_id", pa.string()),
+    ("label", pa.int32()),
+    ("strokes", STROKE3_TYPE),
+    ("image", pa.binary()),
+    ("log_likelihood", pa.float32()),
+    ("num_points", pa.int32()),
+    ("forced_end", pa.bool_()),
+    ("discriminator_score", pa.float32()),
+])
+
+
+def write_pseudo_pairs(path, photo_ids: list[str], labels: list[int], strokes: list[np.ndarray], images: torch.Tensor,
+                       log_likelihood: torch.Tensor, forced_end: torch.Tensor,
+                       discriminator_score: torch.Tensor | None = None) -> None:
+    n = len(photo_ids)
+    cols = {
+        "photo_id": pa.array(photo_ids, pa.string()),
+        "label": pa.array(np.asarray(labels, dtype=np.int32)),
+        "strokes": strokes_to_arrow(strokes),
+        "image": pa.array([encode_png(im[0].numpy()) for im in images], pa.binary()),
+        "log_likelihood": pa.array(log_likelihood.numpy().astype(np.float32)),
+        "num_points": pa.array(np.asarray([len(s) for s in strokes], dtype=np.int32)),
+        "forced_end": pa.array(forced_end.numpy().astype(bool)),
+        "discriminator_score": (pa.nulls(n, pa.float32()) if discriminator_score is None
+                                else pa.array(discriminator_score.numpy().astype(np.float32))),
+    }
+    pq.write_table(pa.Table.from_pydict(cols, schema=PSEUDO_SCHEMA), path, row_group_size=4096, compression="zstd")
+
+
+def read_pseudo_pairs(path, with_strokes: bool = False) -> dict[str, Any]:
+    """photo_ids, labels, images (uint8 N×1×H×W), log_likelihood (and strokes) of a pseudo-pair file."""
+    table = pq.read_table(path)
+    missing = set(PSEUDO_SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: not a pseudo-pair file (missing columns {sorted(missing)})")
+    blobs = table.column("image").to_pylist()
+    images = (torch.from_numpy(np.stack([decode_image(b, "L", f"{path} row {i}") for i, b in enumerate(blobs)]))[:, None]
+              if blobs else torch.zeros((0, 1, 1, 1), dtype=torch.uint8))
+    out = {"photo_ids": table.column("photo_id").to_pylist(),
+           "labels": torch.from_numpy(table.column("label").to_numpy().astype(np.int64)),
+           "images": images.contiguous(),
+           "log_likelihood": torch.from_numpy(table.column("log_likelihood").to_numpy().astype(np.float32))}
+    if with_strokes:
+        out["strokes"] = strokes_from_arrow(table.column("strokes"))
+    return out
+
+
+def run_pseudo_pairs(ctx) -> dict[str, Any]:
+    with torch_threads(ctx.params.ray.torch_threads_per_worker):
+        return _run_pseudo_pairs(ctx)
+
+
+def _run_pseudo_pairs(ctx) -> dict[str, Any]:
+    from sbir.plots import image_grid
+
+    p: PseudoPairsParams = ctx.params.pseudo_pairs
+    gen_path = ctx.stage_dir("sketch_generator") / "generator.pt"
+    if not gen_path.is_file():
+        raise FileNotFoundError(f"{gen_path} not found: run the sketch_generator stage first")
+    ds = open_dataset(ctx.path(ctx.params.dataset_dir))
+    torch.manual_seed(ctx.params.seed)
+    t0 = time.time()
+    model, blob = load_generator(gen_path)
+    photos = load_image_set(ds, "photos", ["train"])
+    sketches = load_image_set(ds, "sketches", ["train"])
+    size = p.render_size or int(sketches.images.shape[-1])
+    unl = torch.nonzero(~photos.labelled).flatten()
+    if len(unl) == 0:
+        raise ValueError(f"{ds.root}: every train photo is labelled; there is nothing to draw pseudo sketches for")
+    strokes, loglik, lengths = draw(model, photos.images[unl], p.temperature, greedy=p.greedy, seed=ctx.params.seed,
+                                    batch_size=p.batch_size)
+    max_len = int(blob["config"]["max_len"])
+    # a sequence that did not stop by itself ends at row max_len with no end-state choice of its own
+    forced = lengths >= max_len
+    images = render_sketches(strokes, size, p.line_width)
+    gen_seconds = time.time() - t0
+    ids = [photos.ids[i] for i in unl.tolist()]
+    write_pseudo_pairs(ctx.tmp_out / "pseudo_pairs.parquet", ids, photos.labels[unl].tolist(), strokes, images,
+                       loglik, forced)
+
+    # preview: unlabelled photos (real sketch only if their sketches keep a photo_id) and test photos
+    real_of = {}
+    pidx = pair_index(sketches, photos)
+    for s, ph in enumerate(pidx.tolist()):
+        if ph >= 0 and ph not in real_of:
+            real_of[ph] = sketches.images[s, 0].numpy()
+    rows, labels = [], []
+    k = max(1, p.num_preview // 2)
+    for j in torch.linspace(0, len(unl) - 1, min(k, len(unl))).round().long().tolist():
+        rows.append([photos.images[unl[j]].permute(1, 2, 0).numpy(), images[j, 0].numpy(), real_of.get(int(unl[j]))])
+        labels.append(f"unlab. {ds.class_names[int(photos.labels[unl[j]])]}")
+    t_photos = load_image_set(ds, "photos", ["test"])
+    t_sketches = load_image_set(ds, "sketches", ["test"])
+    t_pidx = pair_index(t_sketches, t_photos)
+    t_rows = torch.nonzero(t_pidx >= 0).flatten()
+    if len(t_rows):
+        pick = t_rows[torch.linspace(0, len(t_rows) - 1, min(p.num_preview - len(rows), len(t_rows))).round().long()]
+        if len(pick):
+            t_str, _, _ = draw(model, t_photos.images[t_pidx[pick]], p.temperature, greedy=p.greedy, seed=ctx.params.seed)
+            t_img = render_sketches(t_str, size, p.line_width)
+            for j, s in enumerate(pick.tolist()):
+                rows.append([t_photos.images[t_pidx[s]].permute(1, 2, 0).numpy(), t_img[j, 0].numpy(),
+                             t_sketches.images[s, 0].numpy()])
+                labels.append(f"test {ds.class_names[int(t_photos.labels[t_pidx[s]])]}")
+    image_grid(rows, ctx.tmp_out / "pairs.png", row_labels=labels, col_labels=["photo", "generated", "real"],
+               title=f"pseudo pairs (T={p.temperature}{', greedy' if p.greedy else ''})")
+
+    n_pts = np.asarray([len(s) for s in strokes])
+    metrics = {
+        "num_pseudo_pairs": len(ids),
+        "mean_points": round(float(n_pts.mean()), 2),
+        "share_empty": round(float((n_pts == 0).mean()), 4),
+        "share_forced_end": round(float(forced.float().mean()), 4),
+        "mean_log_likelihood": round(float(loglik.mean()), 3),
+        "mean_ink": round(float(1.0 - images.float().mean() / 255.0), 4),
+        "generate_seconds": round(gen_seconds, 1),
+    }
+    (ctx.tmp_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
