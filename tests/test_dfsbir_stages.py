@@ -55,7 +55,6 @@ def test_small_cnn_chain_writes_every_output(tmp_path, tiny_dataset):
     assert {r["method"] for r in rows} == {"classifier_only", "crossx_dfl", "upper_bound"}
 
 
-@pytest.mark.slow
 def test_resnet18_path_by_params_only(tmp_path, tiny_dataset):
     """ResNet-18 backbone, images resized to 64 px by the teachers: only params differ."""
     params = _params(tmp_path, tiny_dataset, {"name": "resnet18"}, 64)
