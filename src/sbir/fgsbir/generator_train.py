@@ -198,7 +198,8 @@ def generator_loop(config: dict) -> None:
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         count += 1
-        if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
+        last = step + 1 == p.steps
+        if (step + 1) % p.history_every == 0 or last:  # a curve point: an all-reduce, no checkpoint
             metrics = {f"train_{k}": v / count for k, v in sums.items()}
             if eval_bank is not None:
                 metrics.update(_eval_loss(model, eval_bank, eval_photos, eval_rows, device))
@@ -208,11 +209,12 @@ def generator_loop(config: dict) -> None:
             history.append(metrics)
             if run is not None and rt.is_rank0():
                 run.log_metrics(metrics, step=step)
-            rt.report(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "step": step, "history": history,
-                                "params": p.model_dump(mode="json"), "config": cfg.to_dict(),
-                                "offset_scale": model.offset_scale.tolist(), "num_pairs": len(bank)})
             sums, count, t0 = {}, 0, time.time()
+        if ((step + 1) % p.log_every == 0 and history) or last:  # a report: a barrier + a checkpoint
+            rt.report(history[-1], {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict(), "step": step, "history": history,
+                                    "params": p.model_dump(mode="json"), "config": cfg.to_dict(),
+                                    "offset_scale": model.offset_scale.tolist(), "num_pairs": len(bank)})
 
 
 @torch.no_grad()
@@ -274,7 +276,7 @@ def _run_sketch_generator(ctx) -> dict[str, Any]:
     (ctx.tmp_out / "history.json").write_text(json.dumps(history, indent=2))
     keys = [k for k in history[-1] if k.startswith(("train_", "eval_"))]
     plot_loss_curves({k: [h.get(k, float("nan")) for h in history] for k in keys}, ctx.tmp_out / "curves.png",
-                     title="sketch_generator (VAE loss)", xlabel="log interval")
+                     title="sketch_generator (VAE loss)", xlabel=f"interval of {p.history_every} steps")
 
     # samples: test photos, two generated sketches each, the real sketch; one rasteriser for all
     model, _ = load_generator(ctx.tmp_out / "generator.pt")

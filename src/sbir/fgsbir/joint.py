@@ -343,6 +343,7 @@ class VariantRun:
     def __init__(self, spec: VariantSpec, p: FGJointParams, model: EncoderPair, data: JointData, config: dict,
                  device, image_size: int) -> None:
         self.spec, self.p, self.data, self.device, self.size = spec, p, data, device, image_size
+        self.line_width = float(config.get("line_width", 1.0))  # as pseudo_pairs renders
         self.model = model.to(device).train()
         lr = p.joint_lr if spec.start_from is not None else p.lr
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=p.weight_decay)
@@ -517,7 +518,7 @@ class VariantRun:
         with torch.no_grad():
             s5, lengths, _ = self.gen.sample(photos_g, temperature=pg.temperature, generator=None)
             strokes = self.gen.to_stroke3(s5, lengths)
-            imgs = render_sketches(strokes, d.sketch_size, 1.0)
+            imgs = render_sketches(strokes, d.sketch_size, self.line_width)
             # reward under the current F, gallery = this batch's photos + same-class-ish negatives
             self.model.eval()
             negs = sample_negatives(pu, d.labels, d.all_photos, p.same_class_negative_prob, gen)
@@ -529,7 +530,7 @@ class VariantRun:
             log_d = F.logsigmoid(self.disc(_f(imgs, 0, None, self.device), _f(d.photos.images[pu], 0, None, self.device)))
             reward = r_ret + pg.discriminator_weight * log_d
         r_mean = rt.mean_over_workers({"r": float(reward.mean())})["r"]
-        if self.baseline._value is None:  # first step: the baseline starts at the first batch's mean reward
+        if self.baseline.state_dict()["value"] is None:  # the baseline starts at the first batch's mean reward
             self.baseline.update(r_mean)
         b = self.baseline.value
         t_max = int(lengths.max())
@@ -572,7 +573,7 @@ def joint_loop(config: dict) -> None:
     # batch sizes are per worker (as in the other stages): the in-batch negatives of a worker's batch
     # do not shrink when workers are added
     b_lab, b_pse, b_gen = p.batch_size, p.pseudo_batch_size, p.policy_gradient.batch_size
-    global_step = sum(len(v["history"]) for v in done.values())
+    global_step = sum(len(v["history"]) for v in done.values())  # MLflow step: monotonic over variants and resumes
     for vi, spec in enumerate(specs):
         if spec.name in done:
             continue
@@ -603,12 +604,16 @@ def joint_loop(config: dict) -> None:
                 sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
             n += 1
-            if (step + 1) % p.log_every == 0 or step + 1 == spec.steps:
+            last = step + 1 == spec.steps
+            if (step + 1) % p.history_every == 0 or last:  # a curve point: an all-reduce, no checkpoint
                 metrics = rt.mean_over_workers({k: sums[k] / counts[k] for k in sums})
                 metrics.update(step=step, seconds_per_step=(time.time() - t0) / n)
                 vr.history.append(metrics)
+                sums, counts, t0, n = {}, {}, time.time(), 0
+            if ((step + 1) % p.log_every == 0 and vr.history) or last:  # a report: a barrier + a checkpoint
+                metrics = vr.history[-1]
                 vr.step = step + 1
-                finished = step + 1 == spec.steps
+                finished = last
                 if finished:
                     done[spec.name] = {"model": vr.model.state_dict(), "history": vr.history, "steps": spec.steps,
                                        "kind": spec.kind, "start_from": spec.start_from}
@@ -624,7 +629,6 @@ def joint_loop(config: dict) -> None:
                            "arch": arch, "params": p.model_dump(mode="json"), "init": config["init"],
                            "num_labelled_pairs": len(data.lab_s), "num_all_pairs": len(data.all_s),
                            "num_pseudo_pairs": len(data.pool_rows)})
-                sums, counts, t0, n = {}, {}, time.time(), 0
 
 
 # ----------------------------------------------------------------------------- the stage body
@@ -652,7 +656,7 @@ def run_fgsbir_joint(ctx) -> dict[str, Any]:
                               "scratch_arch": {"backbone": ctx.params.distill.student.backbone.model_dump(mode="json"),
                                                "embed_dim": ctx.params.distill.student.embed_dim,
                                                "head": ctx.params.distill.student.head},
-                              "image_size": p.image_size,
+                              "image_size": p.image_size, "line_width": ctx.params.pseudo_pairs.line_width,
                               "rdp_epsilon": ctx.params.sketch_generator.rdp_epsilon}
     needed: list[Path] = []
     if p.init == "data_free":
@@ -669,7 +673,7 @@ def run_fgsbir_joint(ctx) -> dict[str, Any]:
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: run the earlier stages first")
     digest = ctx.params_digest({"fgsbir_joint": p.model_dump(mode="json"), "scratch_arch": config["scratch_arch"],
-                                "rdp_epsilon": config["rdp_epsilon"]})
+                                "rdp_epsilon": config["rdp_epsilon"], "line_width": config["line_width"]})
     outcome = rt.run_training("fgsbir_joint", joint_loop, config, ctx.params.ray, digest, resume=ctx.resume)
     state = outcome.state
     done = state["done"]
@@ -691,7 +695,8 @@ def run_fgsbir_joint(ctx) -> dict[str, Any]:
         for k in ("total", "labelled_triplet", "pseudo_triplet", "consistency", "discriminator", "g_reward"):
             if k in hist[-1]:
                 curves[f"{name}/{k}"] = [h.get(k, float("nan")) for h in hist]
-    plot_loss_curves(curves, ctx.tmp_out / "curves.png", title="fgsbir_joint", xlabel="log interval")
+    plot_loss_curves(curves, ctx.tmp_out / "curves.png", title="fgsbir_joint",
+                     xlabel=f"interval of {p.history_every} steps")
 
     metrics: dict[str, Any] = {"init": p.init, "num_labelled_pairs": state["num_labelled_pairs"],
                                "num_all_pairs": state["num_all_pairs"], "num_pseudo_pairs": state["num_pseudo_pairs"],

@@ -47,6 +47,7 @@ class GeneratorParams(FGParams):
     min_lr_ratio: float = Field(0.1, gt=0, le=1, description="cosine decay from lr to lr * min_lr_ratio")
     eval_pairs: int = Field(128, ge=0, description="test pairs whose VAE loss is logged (0: none)")
     log_every: int = Field(100, ge=1, description="steps between reports (each report is a ~1 s barrier)")
+    history_every: int = Field(25, ge=1, description="steps between curve points (an all-reduce, no report)")
     preview_temperature: float = Field(0.4, gt=0, description="temperature of the samples.png sketches")
     num_preview: int = Field(8, ge=1, description="photos shown in samples.png")
 
@@ -157,6 +158,7 @@ class FGJointParams(FGParams):
     discriminator: DiscriminatorParams = DiscriminatorParams()
     policy_gradient: PolicyGradientParams = PolicyGradientParams()
     log_every: int = Field(100, ge=1, description="steps between reports (each a ~1 s barrier)")
+    history_every: int = Field(20, ge=1, description="steps between curve points (an all-reduce, no report)")
 
     @model_validator(mode="after")
     def _semi_needs_supervised(self) -> "FGJointParams":
