@@ -252,23 +252,35 @@ def _check_end_format(s5, lengths, max_len):
         assert torch.equal(onehot.sum(-1), torch.ones(n))
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.4])
-def test_sample_ends_and_log_prob_agrees(temperature):
+@pytest.mark.parametrize("temperature,pen_temperature", [(1.0, None), (0.4, None), (0.4, 1.0)])
+def test_sample_ends_and_log_prob_agrees(temperature, pen_temperature):
     model = small_model(seed=5).eval()
     photos = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         s5, lengths, lp = model.sample(photos, 25, temperature=temperature,
-                                       generator=torch.Generator().manual_seed(0))
+                                       generator=torch.Generator().manual_seed(0), pen_temperature=pen_temperature)
     _check_end_format(s5, lengths, 25)
     assert lengths.min() < 25, "an untrained model should stop somewhere"
-    re = model.log_prob(photos, s5, lengths, temperature=temperature)
+    re = model.log_prob(photos, s5, lengths, temperature=temperature, pen_temperature=pen_temperature)
     assert torch.allclose(lp, re, atol=1e-3, rtol=1e-4), (lp, re)
     assert re.requires_grad
     # the sample's own log_prob is differentiable when grad is on
     s5b, lb, lpb = model.sample(photos, 25, temperature=temperature,
-                                generator=torch.Generator().manual_seed(0))
+                                generator=torch.Generator().manual_seed(0), pen_temperature=pen_temperature)
     assert lpb.requires_grad and torch.equal(s5b, s5) and torch.equal(lb, lengths)
     assert torch.allclose(lpb, lp, atol=1e-5)
+
+
+def test_pen_temperature_tempers_only_the_pen_logits():
+    model = small_model(seed=8).eval()
+    out = torch.randn(4, model.head.out_features)
+    both = model._split_head(out, 0.4)
+    split = model._split_head(out, 0.4, pen_temperature=1.0)
+    plain = model._split_head(out, 1.0)
+    for key in ("pi_logits", "sigma_x", "sigma_y", "mu_x", "rho"):
+        assert torch.equal(both[key], split[key])
+    assert torch.equal(split["pen_logits"], plain["pen_logits"])
+    assert torch.allclose(both["pen_logits"], plain["pen_logits"] / 0.4)
 
 
 def test_sample_forced_end_at_max_len_and_reproducible():

@@ -235,7 +235,7 @@ def _eval_loss(model: PhotoToSketchGenerator, bank: StrokeBank, photo_f: torch.T
 # ----------------------------------------------------------------------------- the stage body
 @torch.no_grad()
 def draw(model: PhotoToSketchGenerator, photos_u8: torch.Tensor, temperature: float, greedy: bool = False,
-         seed: int = 0, batch_size: int = 256) -> tuple[list[np.ndarray], torch.Tensor, torch.Tensor]:
+         seed: int = 0, batch_size: int = 256, pen_temperature: float | None = None) -> tuple[list[np.ndarray], torch.Tensor, torch.Tensor]:
     """One generated sketch per photo: (stroke-3 list, log-likelihood (N,), lengths (N,) incl. the end row)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -244,7 +244,8 @@ def draw(model: PhotoToSketchGenerator, photos_u8: torch.Tensor, temperature: fl
     model.eval()
     for i in range(0, len(photos_u8), batch_size):
         s5, lengths, lp = model.sample(photo_input(photos_u8[i : i + batch_size]).to(device),
-                                       temperature=temperature, greedy=greedy, generator=gen)
+                                       temperature=temperature, greedy=greedy, generator=gen,
+                                       pen_temperature=pen_temperature)
         out_strokes += model.to_stroke3(s5, lengths)
         lps.append(lp.cpu())
         lens.append(lengths.cpu())
@@ -287,8 +288,10 @@ def _run_sketch_generator(ctx) -> dict[str, Any]:
     if n:
         pick = torch.linspace(0, len(t_strokes) - 1, n).round().long()
         ph = t_photos.images[t_rows[pick]]
-        gen_a, _, len_a = draw(model, ph, p.preview_temperature, seed=ctx.params.seed)
-        gen_b, _, _ = draw(model, ph, p.preview_temperature, seed=ctx.params.seed + 1)
+        gen_a, _, len_a = draw(model, ph, p.preview_temperature, seed=ctx.params.seed,
+                               pen_temperature=p.preview_pen_temperature)
+        gen_b, _, _ = draw(model, ph, p.preview_temperature, seed=ctx.params.seed + 1,
+                           pen_temperature=p.preview_pen_temperature)
         gen_g, _, _ = draw(model, ph, 1.0, greedy=True)
         real = [t_strokes[i] for i in pick.tolist()]
         imgs = [render_sketches(s, size, 1.0) for s in (gen_a, gen_b, gen_g, real)]

@@ -516,7 +516,8 @@ class VariantRun:
         pu = self.pool_rows[ui]
         photos_g = photo_input(d.photos.images[pu]).to(self.device)
         with torch.no_grad():
-            s5, lengths, _ = self.gen.sample(photos_g, temperature=pg.temperature, generator=None)
+            s5, lengths, _ = self.gen.sample(photos_g, temperature=pg.temperature, generator=None,
+                                                 pen_temperature=pg.pen_temperature)
             strokes = self.gen.to_stroke3(s5, lengths)
             imgs = render_sketches(strokes, d.sketch_size, self.line_width)
             # reward under the current F, gallery = this batch's photos + same-class-ish negatives
@@ -534,7 +535,8 @@ class VariantRun:
             self.baseline.update(r_mean)
         b = self.baseline.value
         t_max = int(lengths.max())
-        log_p = self.gen.log_prob(photos_g, s5[:, :t_max], lengths, temperature=pg.temperature)
+        log_p = self.gen.log_prob(photos_g, s5[:, :t_max], lengths, temperature=pg.temperature,
+                                  pen_temperature=pg.pen_temperature)
         loss_pg = reinforce_loss(log_p, reward, b)
         self.baseline.update(r_mean)
         vi = torch.randint(0, len(self.vae_bank), (b_gen,), generator=gen)

@@ -49,6 +49,7 @@ class GeneratorParams(FGParams):
     log_every: int = Field(100, ge=1, description="steps between reports (each report is a ~1 s barrier)")
     history_every: int = Field(25, ge=1, description="steps between curve points (an all-reduce, no report)")
     preview_temperature: float = Field(0.4, gt=0, description="temperature of the samples.png sketches")
+    preview_pen_temperature: float | None = Field(1.0, gt=0, description="temperature of the pen-state logits alone (null: same as temperature). 1.0 keeps the stop decision calibrated: tempering it with the offsets makes samples run to max_len")
     num_preview: int = Field(8, ge=1, description="photos shown in samples.png")
 
 
@@ -56,7 +57,9 @@ class GeneratorParams(FGParams):
 class PseudoPairsParams(FGParams):
     """G draws one sketch per unlabelled train photo (inference only: no Ray job, see pseudo_pairs.py)."""
 
-    temperature: float = Field(0.4, gt=0, description="sampling temperature (mixture, pen and sigma)")
+    temperature: float = Field(0.4, gt=0, description="sampling temperature (mixture and sigma; pen too "
+                                                       "when pen_temperature is null)")
+    pen_temperature: float | None = Field(1.0, gt=0, description="temperature of the pen-state logits alone (null: same as temperature). 1.0 keeps the stop decision calibrated: tempering it with the offsets makes samples run to max_len")
     greedy: bool = Field(False, description="most likely mixture mean / pen state instead of sampling")
     batch_size: int = Field(256, ge=1, description="photos decoded at once")
     line_width: float = Field(1.0, gt=0, description="rasterisation line width in output pixels (the "
@@ -89,6 +92,7 @@ class PolicyGradientParams(FGParams):
     batch_size: int = Field(32, ge=2, description="unlabelled photos per G step and worker")
     lr: float = Field(1e-4, gt=0, description="G learning rate in the joint phase")
     temperature: float = Field(0.4, gt=0, description="sampling temperature (also used by log_prob)")
+    pen_temperature: float | None = Field(1.0, gt=0, description="temperature of the pen-state logits alone (null: same as temperature). 1.0 keeps the stop decision calibrated: tempering it with the offsets makes samples run to max_len")
     reward: Literal["neg_triplet", "inverse_rank"] = Field(
         "neg_triplet", description="retrieval reward under F: minus the mean triplet hinge over the batch "
                                    "gallery, or 1/rank of the true photo in the batch gallery")

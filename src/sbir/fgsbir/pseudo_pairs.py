@@ -103,6 +103,7 @@ def _run_pseudo_pairs(ctx) -> dict[str, Any]:
     if len(unl) == 0:
         raise ValueError(f"{ds.root}: every train photo is labelled; there is nothing to draw pseudo sketches for")
     strokes, loglik, lengths = draw(model, photos.images[unl], p.temperature, greedy=p.greedy, seed=ctx.params.seed,
+                                    pen_temperature=p.pen_temperature,
                                     batch_size=p.batch_size)
     max_len = int(blob["config"]["max_len"])
     # a sequence that did not stop by itself ends at row max_len with no end-state choice of its own
@@ -131,7 +132,8 @@ def _run_pseudo_pairs(ctx) -> dict[str, Any]:
     if len(t_rows):
         pick = t_rows[torch.linspace(0, len(t_rows) - 1, min(p.num_preview - len(rows), len(t_rows))).round().long()]
         if len(pick):
-            t_str, _, _ = draw(model, t_photos.images[t_pidx[pick]], p.temperature, greedy=p.greedy, seed=ctx.params.seed)
+            t_str, _, _ = draw(model, t_photos.images[t_pidx[pick]], p.temperature, greedy=p.greedy, seed=ctx.params.seed,
+                               pen_temperature=p.pen_temperature)
             t_img = render_sketches(t_str, size, p.line_width)
             for j, s in enumerate(pick.tolist()):
                 rows.append([t_photos.images[t_pidx[s]].permute(1, 2, 0).numpy(), t_img[j, 0].numpy(),

@@ -52,7 +52,7 @@ The latent for sampling / scoring
 ---------------------------------
 ``sample`` and ``log_prob`` condition on ``z = mu(photo)`` (the posterior
 mean) unless a ``z`` is passed, so both see the same policy and agree: for
-temperature 1 (or the same temperature passed to both),
+temperature 1 (or the same temperature and pen_temperature passed to both),
 ``sample(...)[2] == log_prob(photos, stroke5, lengths)`` up to float error.
 For a stochastic latent draw it yourself (``encode`` + ``reparameterise``)
 and pass the same ``z`` to both. REINFORCE recipe: sample under
@@ -382,20 +382,26 @@ class PhotoToSketchGenerator(nn.Module):
         out = self.head(torch.cat([h, ctx], dim=-1))
         return out, attn, h, c
 
-    def _split_head(self, out: Tensor, temperature: float = 1.0) -> dict[str, Tensor]:
+    def _split_head(self, out: Tensor, temperature: float = 1.0,
+                    pen_temperature: float | None = None) -> dict[str, Tensor]:
         m = self.config.num_mixtures
         pi, mx, my, lsx, lsy, r, pen = torch.split(out, [m, m, m, m, m, m, 3], dim=-1)
         sx, sy = torch.exp(lsx), torch.exp(lsy)
         if temperature != 1.0:
             pi = pi / temperature
-            pen = pen / temperature
             st = math.sqrt(temperature)
             sx, sy = sx * st, sy * st
+        # The end state fires once per sketch, so its probability is never the largest: sharpening
+        # the pen logits (sketch-rnn tempers them with the offsets) all but removes it and most
+        # samples run to max_len. A separate pen temperature keeps the stop decision calibrated.
+        pen_t = temperature if pen_temperature is None else pen_temperature
+        if pen_t != 1.0:
+            pen = pen / pen_t
         return {"pi_logits": pi, "mu_x": mx, "mu_y": my, "sigma_x": sx, "sigma_y": sy,
                 "rho": torch.tanh(r), "pen_logits": pen}
 
-    def _decode(self, feats: Tensor, z: Tensor, x_in: Tensor, temperature: float = 1.0
-                ) -> dict[str, Tensor]:
+    def _decode(self, feats: Tensor, z: Tensor, x_in: Tensor, temperature: float = 1.0,
+                pen_temperature: float | None = None) -> dict[str, Tensor]:
         """Teacher-forced decoding of standardised inputs ``x_in (B, T, 5)``."""
         h, c = self._initial_state(z)
         keys = self.attention.keys(feats)
@@ -404,7 +410,7 @@ class PhotoToSketchGenerator(nn.Module):
             out, attn, h, c = self._step(x_in[:, t], z, h, c, feats, keys)
             outs.append(out)
             attns.append(attn)
-        params = self._split_head(torch.stack(outs, dim=1), temperature)
+        params = self._split_head(torch.stack(outs, dim=1), temperature, pen_temperature)
         params["attention"] = torch.stack(attns, dim=1)
         return params
 
@@ -493,7 +499,8 @@ class PhotoToSketchGenerator(nn.Module):
                 "kl_raw": kl_raw.detach(), "kl_weight": torch.tensor(w)}
 
     def log_prob(self, photos: Tensor, stroke5: Tensor, lengths: Tensor | Sequence[int],
-                 z: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+                 z: Tensor | None = None, temperature: float = 1.0,
+                 pen_temperature: float | None = None) -> Tensor:
         """Sequence log-likelihood ``(B,)`` of ``stroke5`` (``(B, T, 5)`` raw
         units, NO start token, the format of ``sample``) under teacher forcing,
         conditioned on ``z`` (default: ``mu(photo)``). Offsets of rows
@@ -502,14 +509,15 @@ class PhotoToSketchGenerator(nn.Module):
         x = self._clean_padding(self._scale_in(stroke5), lengths)
         feats, mu, logvar = self.encode(photos)
         zz = self._latent(mu, logvar, z, "mean")
-        params = self._decode(feats, zz, with_start_token(x)[:, :-1], temperature)
+        params = self._decode(feats, zz, with_start_token(x)[:, :-1], temperature, pen_temperature)
         gmm_lp, pen_lp, _, _ = self._row_log_probs(params, x, lengths)
         return gmm_lp.sum(dim=1) + pen_lp.sum(dim=1)
 
     # ------------------------------------------------------------- sampling
     def sample(self, photos: Tensor, max_len: int | None = None, temperature: float = 1.0,
                greedy: bool = False, generator: torch.Generator | None = None,
-               z: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               z: Tensor | None = None, pen_temperature: float | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
         """Draw one sketch per photo, all photos in one batch.
 
         Returns ``(stroke5 (B, max_len, 5)`` raw units, no start token, padded
@@ -522,7 +530,8 @@ class PhotoToSketchGenerator(nn.Module):
         mean and the most likely pen state (log_prob is then that of those
         actions under the tempered model). A sequence still running at the
         last row is forced to end there. ``generator`` (on the photos' device)
-        drives all randomness.
+        drives all randomness. ``pen_temperature`` (default: ``temperature``)
+        tempers the pen-state logits alone; ``log_prob`` takes the same pair.
         """
         max_len = int(max_len or self.config.max_len)
         if max_len < 1:
@@ -541,7 +550,7 @@ class PhotoToSketchGenerator(nn.Module):
         rows[..., 4] = 1.0
         for t in range(max_len):
             out, _, h, c = self._step(x, zz, h, c, feats, keys)
-            p = self._split_head(out, temperature)
+            p = self._split_head(out, temperature, pen_temperature)
             pen_logp = F.log_softmax(p["pen_logits"], dim=-1)
             if greedy:
                 pen = pen_logp.argmax(dim=-1)
