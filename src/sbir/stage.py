@@ -110,6 +110,23 @@ def run_stage(stage: str, run_fn: Callable[[StageContext], Mapping[str, Any]], a
                           "seed": root.seed, "ray": root.ray.model_dump(mode="json")})
     ctx_kwargs = dict(stage=stage, params=root, params_path=params_path, out_dir=out_dir, tmp_out=tmp_out,
                       resume=resume, args=args)
+    from sbir.resources import ResourceMonitor
+    from sbir.train.runtime import TRAINING_LOG
+
+    n_trainings = len(TRAINING_LOG)
+    # wall time and peak RSS of this process and its children (Ray's raylet and workers): resources.json
+    monitor = ResourceMonitor().start()
+    try:
+        return _run_and_publish(stage, run_fn, root, sec, section, digest, args, ctx_kwargs, tmp_out, out_dir,
+                                monitor, n_trainings)
+    finally:
+        monitor.stop()  # also when the stage fails: no sampling thread left behind
+
+
+def _run_and_publish(stage, run_fn, root, sec, section, digest, args, ctx_kwargs, tmp_out, out_dir, monitor,
+                     n_trainings) -> dict[str, Any]:
+    from sbir.train.runtime import TRAINING_LOG
+
     start = time.time()
     if args.no_mlflow or os.environ.get("SBIR_NO_MLFLOW") == "1":
         ctx = StageContext(run=None, **ctx_kwargs)
@@ -126,7 +143,16 @@ def run_stage(stage: str, run_fn: Callable[[StageContext], Mapping[str, Any]], a
             run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             ctx.log_artifacts()
     metrics.setdefault("stage_seconds", round(time.time() - start, 1))
+    trainings = TRAINING_LOG[n_trainings:]
+    if trainings:
+        # "resumed from epoch N": which checkpoint each Ray Train fit of this stage continued from
+        metrics.setdefault("resumed_from", trainings[0]["resumed_from"] if len(trainings) == 1
+                           else [t["resumed_from"] for t in trainings])
     (tmp_out / "stage_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    monitor.stop()
+    res = monitor.report.to_dict()
+    res.update(stage=stage, trainings=trainings)
+    (tmp_out / "resources.json").write_text(json.dumps(res, indent=2, default=str))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp_out, out_dir)
@@ -147,9 +173,19 @@ def _dataset_checksum(root: Root) -> str | None:
 def stage_main(stage: str, run_fn: Callable[[StageContext], Mapping[str, Any]], doc: str | None = None, **kw: Any) -> None:
     """CLI wrapper: clear one-line errors for bad params or inputs instead of deep tracebacks."""
     from sbir.data.format import DatasetFormatError
+    from sbir.train.runtime import NonFiniteLossError
 
     try:
         run_stage(stage, run_fn, doc=doc, **kw)
     except (ParamsError, DatasetFormatError, FileNotFoundError) as exc:
-        print(f"[{stage}] error: {exc}", file=sys.stderr)
+        print(f"[{stage}] error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as exc:  # deterministic: Ray's retries hit it again; say what and where
+        print(f"[{stage}] error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(3)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message on one line (pydantic lists one problem per line: join them)."""
+    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip()).replace(": invalid params;",
+                                                                                               ": invalid params:")

@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
@@ -47,6 +48,14 @@ class TrainingOutcome:
     run_dir: Path
     resumed: bool
     seconds: float
+    # where a resumed run continued from: the position keys (epoch/step/round...) of the checkpoint it
+    # restored at start, e.g. {"epoch": 3}; None when it started clean
+    resumed_from: dict[str, Any] | None = None
+
+
+# Every run_training call of this process, in order (stage.py copies them into stage_metrics.json).
+TRAINING_LOG: list[dict[str, Any]] = []
+POSITION_FILE = "sbir_position.json"
 
 
 # ------------------------------------------------------------------------------------ driver side
@@ -90,6 +99,88 @@ def _use_gpu(ray_params: RayParams) -> bool:
     return bool(ray_params.use_gpu)
 
 
+def fault_injection() -> dict[str, Any]:
+    """Test-only faults from ``$SBIR_FAULT_INJECT`` (comma-separated), so reliability tests can make a real
+    stage fail at a known point without touching its code:
+
+    * ``nan:<term>@<step>``: :func:`check_finite` treats loss term ``<term>`` (``*``: the first term) as NaN
+      from step ``<step>`` on (the guard, the error and the kept checkpoint are the real ones);
+    * ``report_sleep:<seconds>``: sleep after every :func:`report` (makes "interrupt after a checkpoint"
+      deterministic in tests on a fast tiny run).
+    """
+    out: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in os.environ.get("SBIR_FAULT_INJECT", "").split(","))):
+        kind, _, arg = item.partition(":")
+        try:
+            if kind == "nan":
+                term, _, step = arg.rpartition("@")
+                out["nan"] = (term or "*", int(step))
+            elif kind == "report_sleep":
+                out["report_sleep"] = float(arg)
+            else:
+                raise ValueError(kind)
+        except ValueError:
+            raise ValueError(f"$SBIR_FAULT_INJECT: cannot parse {item!r} (expected nan:<term>@<step> or "
+                             "report_sleep:<seconds>)") from None
+    return out
+
+
+_POSITION_KEYS = ("epoch", "step", "round", "variant")
+
+
+def _position(metrics: Mapping[str, Any], state: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Where a checkpoint stands in training: integer epoch/step/round keys of the state or metrics
+    (``<variant>/step`` metrics too), so a resumed run can say what it continued from."""
+    pos: dict[str, Any] = {}
+    for src in (metrics, state or {}):
+        for k, v in src.items():
+            if (k in _POSITION_KEYS or k.endswith("/step")) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                pos.setdefault(k, int(v))
+    return pos
+
+
+def checkpoint_position(run_dir: Path) -> dict[str, Any] | None:
+    """The position of the checkpoint a (re)started run in ``run_dir`` restores: Ray's latest checkpoint
+    (from its checkpoint manager snapshot) or the runtime's latest local-mode checkpoint."""
+    ckpt: Path | None = None
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if snapshot.is_file():
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            if latest.get("checkpoint_dir_name"):
+                ckpt = run_dir / latest["checkpoint_dir_name"]
+                if not (ckpt / POSITION_FILE).is_file():
+                    return _position(latest.get("metrics") or {}, None) or None
+        except (OSError, ValueError):
+            ckpt = None
+    if ckpt is None:
+        local = _local_checkpoints(run_dir)
+        ckpt = local[-1] if local else None
+    if ckpt is None or not (ckpt / POSITION_FILE).is_file():
+        return None
+    try:
+        return json.loads((ckpt / POSITION_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _unwrap_non_finite(error: BaseException) -> BaseException:
+    """Ray wraps a worker's NonFiniteLossError in a WorkerGroupError; surface the original message so the
+    stage can print one clear line (the term and the step) instead of a wall of worker tracebacks."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for exc in [error, *failures.values()]:
+        if isinstance(exc, NonFiniteLossError):
+            return exc
+        text = str(exc)
+        if "NonFiniteLossError" in text or "loss term '" in text:
+            import re
+
+            m = re.search(r"([\w/]+ )?loss term '[^']*' is [-a-z]+ at step \d+[^\n]*", text)
+            if m:
+                return NonFiniteLossError(m.group(0))
+    return error
+
+
 def prepare_run_dir(run_dir: Path, params_digest: str, resume: Literal["auto", "always", "never"]) -> bool:
     """Decide whether to continue the run in ``run_dir``; wipe it otherwise. Returns True if resuming."""
     marker = run_dir / PARAMS_MARKER
@@ -114,6 +205,32 @@ def prepare_run_dir(run_dir: Path, params_digest: str, resume: Literal["auto", "
     return keep and any(run_dir.glob("checkpoint*"))
 
 
+@dataclass
+class TrainingHooks:
+    """What a caller running stages inside another Ray job (a Tune trial: ``sbir.sweep``) adds to every
+    :func:`run_training` call in its scope, without the stage code knowing about it."""
+
+    storage_root: Path | None = None  # Ray storage for the runs (a sweep trial's own folder)
+    callbacks: Callable[[str], list] | None = None  # stage -> extra RunConfig callbacks (TuneReportCallback, ...)
+    # local mode (num_workers=0) has no controller and runs no callbacks: every report goes here instead
+    on_local_report: Callable[[str, dict], None] | None = None
+
+
+_HOOKS: TrainingHooks | None = None
+_LOCAL_REPORT: Callable[[dict], None] | None = None
+
+
+@contextmanager
+def training_hooks(hooks: TrainingHooks) -> Iterator[TrainingHooks]:
+    """Apply ``hooks`` to every :func:`run_training` call inside the ``with`` block."""
+    global _HOOKS
+    previous, _HOOKS = _HOOKS, hooks
+    try:
+        yield hooks
+    finally:
+        _HOOKS = previous
+
+
 def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[str, Any],
                  ray_params: RayParams, params_digest: str,
                  resume: Literal["auto", "always", "never"] = "auto",
@@ -123,9 +240,15 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = (storage_root or ray_results_dir()).resolve()
+    global _LOCAL_REPORT
+    hooks = _HOOKS or TrainingHooks()
+    storage = (storage_root or hooks.storage_root or ray_results_dir()).resolve()
     run_dir = storage / stage
     resumed = prepare_run_dir(run_dir, params_digest, resume)
+    resumed_from = checkpoint_position(run_dir) if resumed else None
+    if resumed:
+        where = ", ".join(f"{k} {v}" for k, v in (resumed_from or {}).items()) or "its last checkpoint"
+        print(f"[{stage}] resumed from {where} ({run_dir})", flush=True)
     use_gpu = _use_gpu(ray_params)
     config = dict(loop_config)
     config["_runtime"] = {"torch_threads": ray_params.torch_threads_per_worker, "stage": stage,
@@ -146,12 +269,22 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=ray_params.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=ray_params.max_failures),
+            callbacks=list(hooks.callbacks(stage)) if hooks.callbacks else None,
         ),
     )
     start = time.time()
-    result = trainer.fit()
+    if ray_params.num_workers == 0 and hooks.on_local_report is not None:
+        _LOCAL_REPORT = lambda metrics: hooks.on_local_report(stage, metrics)  # noqa: E731
+    try:
+        result = trainer.fit()
+    finally:
+        _LOCAL_REPORT = None
     seconds = time.time() - start
     if result.error:
+        TRAINING_LOG.append({"stage": stage, "resumed": resumed, "resumed_from": resumed_from, "failed": True})
+        unwrapped = _unwrap_non_finite(result.error)
+        if unwrapped is not result.error:
+            raise unwrapped from result.error
         raise result.error
     state = None
     if ray_params.num_workers == 0:
@@ -160,8 +293,10 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
         with result.checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
     (run_dir / COMPLETED_MARKER).write_text(json.dumps({"seconds": seconds}))
+    TRAINING_LOG.append({"stage": stage, "resumed": resumed, "resumed_from": resumed_from,
+                         "train_seconds": round(seconds, 2), "num_workers": ray_params.num_workers})
     return TrainingOutcome(metrics=dict(result.metrics or {}), state=state, run_dir=run_dir, resumed=resumed,
-                           seconds=seconds)
+                           seconds=seconds, resumed_from=resumed_from)
 
 
 # ------------------------------------------------------------------------------------ worker side
@@ -272,8 +407,11 @@ def shard_indices(n: int, batch_size: int, epoch: int, seed: int, shuffle: bool 
 
 def check_finite(losses: Mapping[str, torch.Tensor | float], step: int, stage: str = "") -> None:
     """Raise :class:`NonFiniteLossError` naming the first NaN/Inf loss term."""
-    for name, value in losses.items():
+    inject = fault_injection().get("nan")
+    for i, (name, value) in enumerate(losses.items()):
         v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        if inject and step >= inject[1] and (inject[0] == name or (inject[0] == "*" and i == 0)):
+            v = float("nan")  # test-only fault (see fault_injection)
         if not math.isfinite(v):
             where = f"{stage} " if stage else ""
             raise NonFiniteLossError(f"{where}loss term {name!r} is {v} at step {step}; the last good "
@@ -291,17 +429,23 @@ def report(metrics: Mapping[str, float], state: Mapping[str, Any] | None = None)
             tmp = _LOCAL_DIR / f".checkpoint_local_{n}.tmp"
             tmp.mkdir(parents=True, exist_ok=True)
             torch.save(dict(state), tmp / "state.pt")
+            (tmp / POSITION_FILE).write_text(json.dumps(_position(metrics, state)))
             os.replace(tmp, _LOCAL_DIR / f"checkpoint_local_{n}")  # atomic: never a half-written checkpoint
             for old in _local_checkpoints(_LOCAL_DIR)[:-_LOCAL_KEEP]:
                 shutil.rmtree(old, ignore_errors=True)
         ray.train.report(dict(metrics), checkpoint=None)
-        return
-    if state is not None and is_rank0():
+        if _LOCAL_REPORT is not None:  # local mode runs no Train callbacks (see TrainingHooks)
+            _LOCAL_REPORT(dict(metrics))
+    elif state is not None and is_rank0():
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(dict(state), os.path.join(tmp, "state.pt"))
+            Path(tmp, POSITION_FILE).write_text(json.dumps(_position(metrics, state)))
             ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(dict(metrics), checkpoint=None)
+    sleep = fault_injection().get("report_sleep")
+    if sleep:
+        time.sleep(sleep)  # test-only fault (see fault_injection)
 
 
 def restore() -> dict[str, Any] | None:
