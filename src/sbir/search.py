@@ -640,7 +640,7 @@ def _to_batch_tensor(images: list[np.ndarray], size: int) -> torch.Tensor:
 
     if len({im.shape for im in images}) == 1:
         return resize(to_float(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)), size)
-    return torch.cat([resize(to_float(torch.from_numpy(im).permute(2, 0, 1)[None]), size) for im in images])
+    return torch.cat([resize(to_float(torch.from_numpy(np.array(im)).permute(2, 0, 1)[None]), size) for im in images])
 
 
 # ============================================================================ cache
