@@ -335,3 +335,17 @@ def test_help_explains_with_an_example():
     assert out.returncode == 0
     for word in ("examples:", "--ndjson-line", "--grid", "--cache", "stroke-3", "--model"):
         assert word in out.stdout
+
+
+def test_real_tuberlin_svg_and_quickdraw_line_as_queries(shared_data):
+    """Real files people drew: a TU-Berlin SVG (group transforms, Beziers) and a Quick Draw ndjson line."""
+    svg = sorted((shared_data / "tuberlin_svg" / "cat").glob("*.svg"))[0]
+    ndjson = shared_data / "quickdraw_simplified25" / "data" / "cat.ndjson"
+    render = S.RenderSpec(size=64, line_width=1.5, padding=0.05)
+    for q in (S.load_query(svg, render), S.load_query(ndjson, render, ndjson_line=7)):
+        ink = q.image[0] < 128
+        assert q.image.shape == (1, 64, 64) and ink.sum() > 50
+        rows, cols = torch.nonzero(ink, as_tuple=True)
+        # fitted into the canvas minus the padding, like the dataset's sketches
+        assert rows.min() >= 2 and cols.min() >= 2 and rows.max() <= 61 and cols.max() <= 61
+    assert S.load_query(ndjson, render, ndjson_line=7).name.endswith("cat.ndjson:7")
