@@ -91,6 +91,15 @@ class RunHandle:
         else:
             client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        items = [Param(k.replace("@", "_at_"), str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            client.log_batch(self.run_id, params=items[i : i + 100])
+
     def log_dict(self, data: Any, name: str) -> None:
         from mlflow.tracking import MlflowClient
 
@@ -102,6 +111,22 @@ class RunHandle:
         client = MlflowClient(tracking_uri=self.tracking_uri)
         for k, v in tags.items():
             client.set_tag(self.run_id, k, str(v))
+
+
+# Runs created by stage_run inside a ``with default_parent(run_id)`` block become children of that run
+# (a sweep trial's stages nest under the trial's run without the stage code knowing about sweeps).
+_DEFAULT_PARENT: str | None = None
+
+
+@contextmanager
+def default_parent(run_id: str | None) -> Iterator[None]:
+    """Make ``run_id`` the parent of every :func:`stage_run` opened inside the block (unless one is given)."""
+    global _DEFAULT_PARENT
+    previous, _DEFAULT_PARENT = _DEFAULT_PARENT, run_id
+    try:
+        yield
+    finally:
+        _DEFAULT_PARENT = previous
 
 
 @contextmanager
@@ -119,6 +144,7 @@ def stage_run(experiment: str, stage: str, params: Mapping[str, Any], params_has
         "mlflow.runName": run_name or stage,
         **(extra_tags or {}),
     }
+    parent_run_id = parent_run_id or _DEFAULT_PARENT
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, tags=tags, run_name=run_name or stage)
@@ -134,6 +160,55 @@ def stage_run(experiment: str, stage: str, params: Mapping[str, Any], params_has
         client.set_terminated(run.info.run_id, status="FAILED")
         raise
     client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+@contextmanager
+def nested_run(experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
+               parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[RunHandle]:
+    """A run that is not one stage execution (a sweep, one sweep trial), optionally the child of
+    ``parent_run_id``; marked FINISHED, or FAILED when the block raises."""
+    client = _client()
+    exp_id = get_or_create_experiment(experiment)
+    all_tags = {"sbir.git_commit": git_commit(), "mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
+    handle = RunHandle(tracking_uri(), run.info.run_id)
+    if params:
+        handle.log_params(params)
+    try:
+        yield handle
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def child_runs(experiment: str, parent_run_id: str) -> list[Any]:
+    """The direct children of a run (oldest first)."""
+    client = _client()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=10_000)
+
+
+def terminate_run(run_id: str, status: str = "KILLED") -> None:
+    """Close a run left RUNNING by a process that was stopped (e.g. a sweep trial pruned by ASHA)."""
+    client = _client()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status=status)
+
+
+def get_run(run_id: str) -> Any:
+    """One run (info, params, metrics, tags) by id."""
+    return _client().get_run(run_id)
+
+
+def metric_history(run_id: str, key: str) -> list[Any]:
+    """Every logged value of one metric of a run (per-epoch curves)."""
+    return _client().get_metric_history(run_id, key.replace("@", "_at_"))
 
 
 def find_runs(experiment: str, stage: str | None = None) -> list[Any]:

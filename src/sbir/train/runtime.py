@@ -212,7 +212,8 @@ class TrainingHooks:
 
     storage_root: Path | None = None  # Ray storage for the runs (a sweep trial's own folder)
     callbacks: Callable[[str], list] | None = None  # stage -> extra RunConfig callbacks (TuneReportCallback, ...)
-    # local mode (num_workers=0) has no controller and runs no callbacks: every report goes here instead
+    # local mode (num_workers=0) runs no callbacks, and inside a Tune trial Ray refuses ray.train.report:
+    # with this set, every report of a local-mode loop goes here instead (the sweep reports it to Tune)
     on_local_report: Callable[[str, dict], None] | None = None
 
 
@@ -273,8 +274,14 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
         ),
     )
     start = time.time()
+    last_local: dict[str, Any] = {}
     if ray_params.num_workers == 0 and hooks.on_local_report is not None:
-        _LOCAL_REPORT = lambda metrics: hooks.on_local_report(stage, metrics)  # noqa: E731
+        def _local_report(metrics: dict) -> None:
+            last_local.clear()
+            last_local.update(metrics)
+            hooks.on_local_report(stage, metrics)
+
+        _LOCAL_REPORT = _local_report
     try:
         result = trainer.fit()
     finally:
@@ -295,7 +302,7 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
     (run_dir / COMPLETED_MARKER).write_text(json.dumps({"seconds": seconds}))
     TRAINING_LOG.append({"stage": stage, "resumed": resumed, "resumed_from": resumed_from,
                          "train_seconds": round(seconds, 2), "num_workers": ray_params.num_workers})
-    return TrainingOutcome(metrics=dict(result.metrics or {}), state=state, run_dir=run_dir, resumed=resumed,
+    return TrainingOutcome(metrics=dict(result.metrics or last_local), state=state, run_dir=run_dir, resumed=resumed,
                            seconds=seconds, resumed_from=resumed_from)
 
 
@@ -433,9 +440,10 @@ def report(metrics: Mapping[str, float], state: Mapping[str, Any] | None = None)
             os.replace(tmp, _LOCAL_DIR / f"checkpoint_local_{n}")  # atomic: never a half-written checkpoint
             for old in _local_checkpoints(_LOCAL_DIR)[:-_LOCAL_KEEP]:
                 shutil.rmtree(old, ignore_errors=True)
-        ray.train.report(dict(metrics), checkpoint=None)
-        if _LOCAL_REPORT is not None:  # local mode runs no Train callbacks (see TrainingHooks)
+        if _LOCAL_REPORT is not None:  # in a Tune trial Ray refuses ray.train.report: the hook reports instead
             _LOCAL_REPORT(dict(metrics))
+        else:
+            ray.train.report(dict(metrics), checkpoint=None)
     elif state is not None and is_rank0():
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(dict(state), os.path.join(tmp, "state.pt"))
