@@ -83,9 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of ids put in the test split when the source has no split of its own "
                         "(deterministic hash of the id; default %(default)s)")
     g.add_argument("--labelled-share", type=float, default=d.labelled_share,
-                   help="share of train photos flagged labelled (hash; in paired datasets only photos with a "
-                        "sketch; default %(default)s)")
+                   help="share of train photos flagged labelled: exactly round(share x n) of the n eligible train "
+                        "photos of each class, chosen by a salted hash (in paired datasets only photos with a "
+                        "sketch are eligible); counts in the report under info.labelled (default %(default)s)")
     g.add_argument("--split-seed", default=d.split_seed, help="salt of the split/labelled hashes (default %(default)s)")
+    g.add_argument("--labelled-seed", default=None,
+                   help="salt of the labelled choice only (default: --split-seed); changes which train pairs are "
+                        "labelled without changing the split")
+    g.add_argument("--photo-size", type=int, default=None,
+                   help="resize photos to N x N pixels (PNG) at ingest, for small CPU pipelines (default: keep the "
+                        "original bytes)")
     g.add_argument("--image-size", type=int, default=d.image_size,
                    help="side in pixels of sketch images rendered from strokes (default %(default)s)")
     g.add_argument("--line-width", type=float, default=d.line_width,
@@ -100,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--row-group-size", type=int, default=d.row_group_size,
                    help="Parquet rows per row group (bounds memory while streaming; default %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    g = p.add_argument_group("raster sketches -> strokes (sbir.data.vectorise)")
+    g.add_argument("--vectorise", action="store_true",
+                   help="trace raster sketches (PNG, QMUL-V1 .mat) into stroke-3 (skeleton + tracing + RDP, in "
+                        "source pixels) and re-render them with the project's rasteriser; statistics (strokes per "
+                        "sketch, IoU/coverage vs the raster, sketches with no strokes) go to the report and manifest")
+    g.add_argument("--vectorise-ink-threshold", type=float, default=None,
+                   help="ink share (1 - grey/255) above which a pixel is ink (default 0.25)")
+    g.add_argument("--vectorise-rdp-eps", type=float, default=None,
+                   help="RDP tolerance of the traced strokes in source pixels (default 1.0)")
+    g.add_argument("--vectorise-order", choices=("length", "position"), default=None,
+                   help="stroke order: longest first (default) or top-left first")
+    g.add_argument("--vectorise-min-component", type=int, default=None,
+                   help="ink components smaller than this many pixels are specks, dropped and counted (default 4)")
 
     g = p.add_argument_group("sketchy")
     g.add_argument("--drop-invalid", action="store_true",
@@ -152,12 +173,25 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
         canvas_tolerance=args.canvas_tolerance, recognized_only=args.recognized_only,
         max_per_class=args.max_per_class, npz_valid_split=args.npz_valid_split,
         class_name=args.class_name, qmul_layout=args.qmul_layout, qmul_sketch_side=args.qmul_sketch_side,
-        qmul_v1_photos=args.qmul_v1_photos,
+        qmul_v1_photos=args.qmul_v1_photos, labelled_seed=args.labelled_seed, photo_size=args.photo_size,
+        vectorise=args.vectorise, vectorise_params=_vectorise_params(args),
     )
+
+
+def _vectorise_params(args: argparse.Namespace) -> dict | None:
+    given = {k: v for k, v in (("ink_threshold", args.vectorise_ink_threshold), ("rdp_epsilon", args.vectorise_rdp_eps),
+                               ("order", args.vectorise_order), ("min_component_px", args.vectorise_min_component))
+             if v is not None}
+    if given and not args.vectorise:
+        raise IngestError(f"--vectorise-* options given without --vectorise: {sorted(given)}")
+    return given or None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.photo_size is not None and args.photo_size < 8:
+        print(f"error: --photo-size must be >= 8, got {args.photo_size}", file=sys.stderr)
+        return 2
     for name in ("test_share", "labelled_share"):
         v = getattr(args, name)
         if not 0.0 <= v <= 1.0:

@@ -29,7 +29,11 @@ Conventions shared by all adapters
   the id of the photo it was drawn from (instance-level pair) or null.
 * Splits: the dataset's own split where it has one (Sketchy ``testset.txt``, Quick Draw ``.npz``,
   QMUL), else a deterministic hash of the id (``test_share``, ``split_seed``); sketches follow
-  their photo. ``labelled`` photos: a ``labelled_share`` of the *train* photos chosen by hash;
+  their photo. ``labelled`` photos: exactly ``round(labelled_share * n)`` of the ``n`` eligible *train*
+  photos of each class (or QMUL split), those with the smallest hash of the id salted with
+  ``labelled_seed`` (default ``split_seed``): deterministic, stratified, reported under
+  ``info.labelled`` and in the manifest (``ingest.labelled``: eligible photos, labelled photos,
+  labelled and unlabelled train pairs);
   in instance-paired datasets (Sketchy, QMUL) only photos with at least one written sketch can be
   labelled (a labelled photo is one whose sketch pairs training may use; Sketchy-Extended photos
   are never labelled); in class-level datasets (TU-Berlin, Quick Draw photo folders) any train
@@ -37,7 +41,15 @@ Conventions shared by all adapters
 * Strokes are stored as stroke-3 in the source's units (Quick Draw 0..255, TU-Berlin 800 x 800
   canvas, QMUL 256 canvas), never rescaled; the sketch ``image`` is rendered with the project's
   rasteriser (:func:`sbir.strokes.rasterise`, greyscale PNG, black on white, ``image_size``).
-  Sketches that exist only as rasters keep their raster (as greyscale) with ``strokes = None``.
+  Sketches that exist only as rasters keep their raster (as greyscale) with ``strokes = None``,
+  unless ``vectorise`` is on: then each raster is traced into stroke-3 (:mod:`sbir.data.vectorise`,
+  in the raster's pixel units), the stored image is re-rendered from the strokes by the project's
+  rasteriser, ``source`` ends in ``#vectorised``, and the trace statistics (strokes per sketch,
+  IoU / coverage against the raster) go to ``info.vectorise`` and the manifest (``ingest.vectorise``).
+  A raster that yields no strokes keeps its raster, is counted (``no_strokes``) and reported as an
+  issue (``vectorise_no_strokes``).
+* ``photo_size``: photos are resized to ``photo_size`` x ``photo_size`` (PNG) at ingest, for small
+  pipelines on CPU; by default photos keep their bytes.
   Photos keep their original JPEG/PNG bytes (other formats are re-encoded as PNG).
 * Bad input is never dropped silently: every corrupt image, unparsable SVG, invalid ndjson line,
   empty drawing, sketch without photo, unreadable file... is an *issue* in the
@@ -101,6 +113,7 @@ WORD_MISMATCH = "word_mismatch"
 UNEXPECTED_FILE = "unexpected_file"
 ROW_COUNT_MISMATCH = "row_count_mismatch"
 SPLIT_CONFLICT = "split_conflict"
+VECTORISE_EMPTY = "vectorise_no_strokes"
 BAD_KEY = "bad_key"
 
 
@@ -126,8 +139,12 @@ class IngestOptions:
     line_width: float = 2.0              # rasteriser line width in output pixels
     padding: float = 0.05                # rasteriser padding (share of the side on every edge)
     test_share: float = 0.2              # hash split: share of ids sent to "test" (no official split)
-    labelled_share: float = 1.0          # share of train photos flagged labelled (hash)
+    labelled_share: float = 1.0          # share of eligible train photos flagged labelled (exact per class)
     split_seed: str = "sbir"             # salt of the split / labelled hashes
+    labelled_seed: str | None = None     # salt of the labelled choice (None: split_seed)
+    photo_size: int | None = None        # resize photos to this square size (None: keep the bytes)
+    vectorise: bool = False              # trace raster sketches into strokes (sbir.data.vectorise)
+    vectorise_params: dict[str, Any] | None = None  # VectoriseParams overrides
     strict: bool = False                 # first issue -> StrictIngestError
     class_map: dict[str, str | None] | None = None  # source class -> target class (None: drop)
     progress: bool = True                # tqdm progress bars
@@ -318,8 +335,13 @@ def _hash_split(key: str, opts: IngestOptions) -> str:
     return "test" if _unit(key, opts.split_seed + ":split") < opts.test_share else "train"
 
 
-def _hash_labelled(key: str, opts: IngestOptions) -> bool:
-    return _unit(key, opts.split_seed + ":labelled") < opts.labelled_share
+def _pick_labelled(keys: Iterable[str], opts: IngestOptions) -> set[str]:
+    """Exactly ``round(labelled_share * n)`` of the ``n`` eligible keys: those with the smallest
+    salted hash (deterministic, independent of order; a larger share keeps the smaller one's picks)."""
+    keys = sorted(set(keys))
+    n = int(math.floor(opts.labelled_share * len(keys) + 0.5))
+    salt = (opts.labelled_seed if opts.labelled_seed is not None else opts.split_seed) + ":labelled"
+    return set(sorted(keys, key=lambda k: _unit(k, salt))[:n])
 
 
 def _natkey(s: str) -> tuple:
@@ -457,6 +479,51 @@ class _Sink:
         self.simplify_eps = simplify_eps
         self.photo_ids: set[str] = set()
         self.sketch_ids: set[str] = set()
+        # labelled share bookkeeping (what the manifest and report say about it)
+        self.eligible = 0
+        self.labelled_ids: set[str] = set()
+        self.train_pairs = {True: 0, False: 0}
+        self.vstats = None
+        if opts.vectorise:
+            from sbir.data.vectorise import VectoriseParams, VectoriseStats
+
+            try:
+                vp = VectoriseParams(**(opts.vectorise_params or {}))
+            except (TypeError, ValueError) as exc:
+                raise IngestError(f"vectorise_params: {exc}") from exc
+            self.vparams = vp
+            self.vstats = VectoriseStats(vp)
+        # The summaries are final only when the writer closes (after the last row), so they are put
+        # into the manifest's ``ingest`` block from a wrapper of DatasetWriter.close.
+        close = writer.close
+
+        def close_with_summaries() -> dict[str, Any]:
+            summ = self.summaries()
+            writer.extra.setdefault("ingest", {}).update(summ)
+            report.info.update(summ)
+            return close()
+
+        writer.close = close_with_summaries  # type: ignore[method-assign]
+
+    def pick_labelled(self, keys: Iterable[str]) -> set[str]:
+        """The labelled subset of these eligible train photo ids (see :func:`_pick_labelled`)."""
+        keys = list(keys)
+        self.eligible += len(set(keys))
+        return _pick_labelled(keys, self.opts)
+
+    def summaries(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"labelled": {
+            "share": self.opts.labelled_share,
+            "seed": self.opts.labelled_seed if self.opts.labelled_seed is not None else self.opts.split_seed,
+            "eligible_train_photos": self.eligible, "labelled_photos": len(self.labelled_ids),
+            "labelled_train_pairs": self.train_pairs[True], "unlabelled_train_pairs": self.train_pairs[False]}}
+        if self.vstats is not None:
+            out["vectorise"] = self.vstats.summary()
+        return out
+
+    def _count_pair(self, split: str, photo_id: str | None) -> None:
+        if split == "train" and photo_id is not None:
+            self.train_pairs[photo_id in self.labelled_ids] += 1
 
     # ------------------------------------------------------------------ photos
     def photo(self, pid: str, class_name: str, split: str, labelled: bool, image: bytes, h: int, w: int,
@@ -465,6 +532,13 @@ class _Sink:
             self.report.add(file, DUPLICATE_ID, f"photo id {pid!r} already written")
             return False
         self.photo_ids.add(pid)
+        if labelled:
+            self.labelled_ids.add(pid)
+        if self.opts.photo_size is not None and (h != self.opts.photo_size or w != self.opts.photo_size):
+            n = self.opts.photo_size
+            with Image.open(io.BytesIO(image)) as im:
+                arr = np.asarray(im.convert("RGB").resize((n, n), Image.Resampling.LANCZOS))
+            image, h, w = encode_png(np.ascontiguousarray(arr)), n, n
         self.w.add_photo(PhotoRow(id=pid, class_name=class_name, label=self.labels[class_name], split=split,
                                   image=image, height=h, width=w, source=source, labelled=bool(labelled)))
         return True
@@ -479,9 +553,21 @@ class _Sink:
 
     def sketch_raster(self, sid: str, class_name: str, split: str, png: bytes, h: int, w: int,
                       photo_id: str | None, source: str, file: str | os.PathLike) -> bool:
+        if self.vstats is not None:
+            from sbir.data.format import decode_image
+            from sbir.data.vectorise import vectorise_raster
+
+            res = vectorise_raster(decode_image(png, mode="L", source=str(file)), self.vparams)
+            self.vstats.add(sid, res)
+            if not res.empty:
+                return self.sketch_strokes(sid, class_name, split, res.strokes, photo_id, f"{source}#vectorised",
+                                           file)
+            self.report.add(file, VECTORISE_EMPTY, f"sketch {sid!r}: no ink above the threshold "
+                                                   f"({self.vparams.ink_threshold}); raster kept without strokes")
         if not self._claim(sid, file):
             return False
         self.flush()  # keep the call order in the table
+        self._count_pair(split, photo_id)
         self.w.add_sketch(SketchRow(id=sid, class_name=class_name, label=self.labels[class_name], split=split,
                                     image=png, height=h, width=w, strokes=None, photo_id=photo_id, source=source))
         return True
@@ -491,6 +577,7 @@ class _Sink:
         """``s3`` must already be validated (see :func:`_checked_stroke3`)."""
         if not self._claim(sid, file):
             return False
+        self._count_pair(split, photo_id)
         self.pending.append(_PendingSketch(sid, class_name, split, s3, photo_id, source))
         if len(self.pending) >= self.opts.render_batch:
             self.flush()
@@ -577,9 +664,11 @@ def _write_photo_folder(sink: _Sink, files: dict[str, list[Path]], mapper: _Clas
         if target is None:
             mapper.drop(src_class, len(files[src_class]))
             continue
-        for f in files[src_class]:
-            if skip is not None and skip(src_class, f.stem):
-                continue
+        todo = [f for f in files[src_class] if skip is None or not skip(src_class, f.stem)]
+        lab = sink.pick_labelled(f"{prefix}{src_class}/{f.stem}" for f in todo
+                                 if _hash_split(f"{prefix}{src_class}/{f.stem}", opts) == "train") \
+            if can_be_labelled else set()
+        for f in todo:
             pid = f"{prefix}{src_class}/{f.stem}"
             data = _read_bytes(f, report)
             if data is None:
@@ -590,7 +679,7 @@ def _write_photo_folder(sink: _Sink, files: dict[str, list[Path]], mapper: _Clas
                 report.add(f, CORRUPT_IMAGE, str(exc))
                 continue
             split = _hash_split(pid, opts)
-            labelled = can_be_labelled and split == "train" and _hash_labelled(pid, opts)
+            labelled = pid in lab
             n += sink.photo(pid, target, split, labelled, img, h, w, _rel(f, root), f)
     return n
 
@@ -729,7 +818,8 @@ def ingest_sketchy(root: str | os.PathLike, out: str | os.PathLike,
     with writer:
         sink = _Sink(writer, opts, report, eps)
         on_invalid_list = 0
-        for src_class in sorted(set(photo_files) | set(sketch_files)):
+        for src_class in _tqdm(sorted(set(photo_files) | set(sketch_files)), desc="sketchy classes", unit="class",
+                               disable=not opts.progress):
             target = mapper(src_class)
             photos = photo_files.get(src_class, [])
             sketches = sketch_files.get(src_class, [])
@@ -779,13 +869,14 @@ def ingest_sketchy(root: str | os.PathLike, out: str | os.PathLike,
                     decoded.append((photo_stem, photo_stem, png, h, w, f))
             paired = {d[1] for d in decoded if d[1] is not None}
             # 3) photos
-            splits: dict[str, str] = {}
+            splits = {stem: photo_split(src_class, stem, f"{src_class}/{stem}") for stem in good_photos}
+            lab = sink.pick_labelled(f"{src_class}/{stem}" for stem in good_photos
+                                     if splits[stem] == "train" and stem in paired)
             written: set[str] = set()
             for stem, f in good_photos.items():
                 pid = f"{src_class}/{stem}"
-                split = photo_split(src_class, stem, pid)
-                splits[stem] = split
-                labelled = split == "train" and stem in paired and _hash_labelled(pid, opts)
+                split = splits[stem]
+                labelled = pid in lab
                 data = _read_bytes(f, report)
                 if data is None:
                     continue
@@ -1314,6 +1405,7 @@ def _write_paired(out: Path, classes: list[str], target: str | None, photo_files
                 photo_split[photo] = "test"
             else:
                 photo_split.setdefault(photo, split)
+        lab = sink.pick_labelled(stem for stem, _ in photo_files if photo_split.get(stem) == "train")
         written: set[str] = set()
         for stem, f in photo_files:
             loaded = _load_photo_for_write(f, report)
@@ -1324,7 +1416,7 @@ def _write_paired(out: Path, classes: list[str], target: str | None, photo_files
                 split = photo_split[stem]
             else:
                 split = photo_split_default(stem) if photo_split_default else _hash_split(stem, opts)
-            labelled = split == "train" and stem in photo_split and _hash_labelled(stem, opts)
+            labelled = split == "train" and stem in lab
             if sink.photo(stem, target, split, labelled, img, h, w, _rel(f, base), f):
                 written.add(stem)
         for split, sid, photo, payload, label in sketches:
@@ -1499,10 +1591,15 @@ def _qmul_v1(root: Path, out: Path, sketch_mats: list[Path], opts: IngestOptions
                     names_img = [Path(x).stem for x in a["images"]]
                     names_sk = [Path(x).stem for x in a["sketches"]]
             photo_ids = []
+            pids = [f"{prefix}/{names_img[i] if names_img else f'{split}_{i + 1:04d}'}" for i in range(n_ph)]
+            lab = sink.pick_labelled(pids[:n_sk]) if split == "train" else set()
+            bar = _tqdm(total=n_ph + n_sk, desc=f"{prefix} {split}", unit="row", leave=False,
+                        disable=not opts.progress)
             for i in range(n_ph):
-                pid = f"{prefix}/{names_img[i] if names_img else f'{split}_{i + 1:04d}'}"
+                pid = pids[i]
                 png = encode_png(np.ascontiguousarray(ph[i]))
-                labelled = split == "train" and i < n_sk and _hash_labelled(pid, opts)
+                labelled = pid in lab
+                bar.update()
                 ok = sink.photo(pid, target, split, labelled, png, ph[i].shape[0], ph[i].shape[1],
                                 f"{ph_path.name}:data[{i}]", f"{ph_path}:data[{i}]")
                 photo_ids.append(pid if ok else None)
@@ -1515,6 +1612,8 @@ def _qmul_v1(root: Path, out: Path, sketch_mats: list[Path], opts: IngestOptions
                 grey = img if img.ndim == 2 else np.asarray(Image.fromarray(img).convert("L"))
                 sink.sketch_raster(sid, target, split, encode_png(np.ascontiguousarray(grey)), grey.shape[0],
                                    grey.shape[1], photo_id, f"{sk_path.name}:data[{i}]", f"{sk_path}:data[{i}]")
+                bar.update()
+            bar.close()
         sink.flush()
     return _done(out, report)
 
