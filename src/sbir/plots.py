@@ -110,8 +110,8 @@ def image_grid(
         raise ValueError("row_labels must have one entry per row")
     if col_labels is not None and len(col_labels) > n_cols:
         raise ValueError("more col_labels than columns")
-    fig = _new_figure(cell_size * n_cols + (1.0 if row_labels else 0.0),
-                      cell_size * n_rows + (0.4 if col_labels else 0.0) + (0.4 if title else 0.0))
+    height = cell_size * n_rows + (0.4 if col_labels else 0.0) + (0.4 if title else 0.0)
+    fig = _new_figure(cell_size * n_cols + (1.0 if row_labels else 0.0), height)
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for i in range(n_rows):
         for j in range(n_cols):
@@ -126,9 +126,12 @@ def image_grid(
                 ax.set_ylabel(str(row_labels[i]), rotation=0, ha="right", va="center", fontsize=8)
             if i == 0 and col_labels is not None and j < len(col_labels):
                 ax.set_title(str(col_labels[j]), fontsize=8)
+    # Matplotlib's default top margin is a fraction of the figure (12%), which leaves a large blank band
+    # above tall grids: reserve a fixed height in inches for the title and column labels instead.
+    top_inches = (0.45 if title else 0.05) + (0.3 if col_labels else 0.0)
     if title:
-        fig.suptitle(title)
-    fig.subplots_adjust(wspace=0.05, hspace=0.05)
+        fig.suptitle(title, y=1.0 - 0.08 / height)
+    fig.subplots_adjust(wspace=0.05, hspace=0.05, top=max(0.5, 1.0 - top_inches / height), bottom=0.02)
     return _save(fig, path)
 
 
