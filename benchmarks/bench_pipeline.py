@@ -12,6 +12,8 @@ A stage without outputs is reported as ``missing``; one whose outputs predate th
 
 Peak RSS sums the RSS of every process in the tree, so shared pages (torch libraries in each worker,
 Ray's shared-memory object store) count once per process: an upper bound, comparable between runs.
+``peak_pss_mib`` (proportional set size, shared pages split) is the tree's real share of memory, sampled
+every 10 s only, so it can miss short peaks.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ def collect(root: Path = REPO, dvc_yaml: str = "dvc.yaml", outputs: str = "outpu
         if res_path.is_file():
             res = json.loads(res_path.read_text())
             row.update(status="ok", wall_seconds=res["wall_seconds"], peak_rss_mib=res["peak_rss_mib"],
-                       peak_self_rss_mib=res.get("peak_self_rss_mib"), peak_processes=res.get("peak_processes"),
+                       peak_self_rss_mib=res.get("peak_self_rss_mib"), peak_pss_mib=res.get("peak_pss_mib"),
+                       peak_processes=res.get("peak_processes"),
                        cpu_seconds=round(res.get("cpu_user_seconds", 0) + res.get("cpu_system_seconds", 0), 1),
                        cpu_count=res.get("cpu_count"), load_average_start=res.get("load_average_start"),
                        load_average_end=res.get("load_average_end"),
@@ -68,12 +71,12 @@ def collect(root: Path = REPO, dvc_yaml: str = "dvc.yaml", outputs: str = "outpu
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"{'stage':<18} {'status':<13} {'wall s':>8} {'train s':>8} {'peak RSS MiB':>13} {'procs':>6} "
+    lines = [f"{'stage':<18} {'status':<13} {'wall s':>8} {'train s':>8} {'peak RSS MiB':>13} {'peak PSS MiB':>13} {'procs':>6} "
              f"{'load avg (start)':>17}"]
     for r in report["stages"]:
         load = r.get("load_average_start") or []
         lines.append(f"{r['stage']:<18} {r['status']:<13} {r.get('wall_seconds') or '':>8} "
-                     f"{r.get('train_seconds') or '':>8} {r.get('peak_rss_mib') or '':>13} "
+                     f"{r.get('train_seconds') or '':>8} {r.get('peak_rss_mib') or '':>13} {r.get('peak_pss_mib') or '':>13} "
                      f"{r.get('peak_processes') or '':>6} {(' '.join(map(str, load))):>17}")
     lines.append(f"total wall {report['total_wall_seconds']} s; largest peak RSS {report['max_peak_rss_mib']} MiB; "
                  f"stages {report['counts']}")
