@@ -812,4 +812,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module's main, not this __main__ copy: Ray pickles the trial function by reference
+    # to its module, and classes of a __main__ module would travel by value (pydantic models cannot)
+    from sbir.sweep import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,118 @@
+"""MLflow tracking-server round trip: a real ``mlflow server`` (SQLite backend and artifacts in tmp),
+a tiny stage logging to it through ``SBIR_MLFLOW_URI=http://...``, then the run's params, metrics and
+artifacts read back over the REST API with plain HTTP (no MLflow client on the reading side)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(base: str, path: str, **query) -> dict:
+    url = f"{base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(base: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """A real tracking server on a free port; stopped (its whole process group) whatever happens."""
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"mlflow server not up after {START_TIMEOUT_S} s:\n"
+                            f"{(tmp_path / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker processes
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_stage_logs_to_tracking_server_and_reads_back_over_rest(mlflow_server, tiny_dataset, tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update(dataset_dir=str(tiny_dataset), outputs_dir=str(tmp_path / "outputs"), pipeline="server-test")
+    params["ray"]["num_workers"] = 0
+    params["teacher_pretrain"].update(epochs=2, batch_size=32)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, SBIR_MLFLOW_URI=mlflow_server, SBIR_RAY_RESULTS=str(tmp_path / "ray_results"),
+               PATH=f"{BIN}:{os.environ['PATH']}")
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "teacher_pretrain.py"), "--params",
+                           str(tmp_path / "params.yaml")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # read everything back with plain HTTP against the REST API
+    exp = _get(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="server-test")["experiment"]
+    runs = _post(mlflow_server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    assert len(runs) == 1
+    run = runs[0]
+    run_id = run["info"]["run_id"]
+    assert run["info"]["status"] == "FINISHED"
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["sbir.stage"] == "teacher_pretrain" and tags["sbir.params_hash"]
+    got_params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert got_params["teacher_pretrain.epochs"] == "2" and got_params["ray.num_workers"] == "0"
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    local = json.loads((tmp_path / "outputs" / "teacher_pretrain" / "metrics.json").read_text())
+    assert metrics["photo_teacher_test_acc"] == pytest.approx(local["photo_teacher_test_acc"], abs=1e-4)  # file rounds
+    # per-epoch curve: one point per epoch
+    hist = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="photo_ce")["metrics"]
+    assert sorted(int(m["step"]) for m in hist) == [0, 1]
+    # artifacts: listed and downloadable, identical to the stage's output files
+    listed = {f["path"] for f in _get(mlflow_server, "/api/2.0/mlflow/artifacts/list", run_id=run_id)["files"]}
+    assert {"metrics.json", "teachers.pt", "curves.png"} <= listed, listed
+    url = f"{mlflow_server}/get-artifact?" + urllib.parse.urlencode({"path": "metrics.json", "run_uuid": run_id})
+    with urllib.request.urlopen(url, timeout=30) as r:
+        assert json.loads(r.read()) == local
