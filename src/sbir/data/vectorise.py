@@ -29,7 +29,7 @@ Fidelity (:func:`trace_fidelity`): the trace is drawn one pixel wide back into t
 (:func:`skimage.draw.line`) and compared with the binarised ink after a dilation by ``tolerance_px``
 of both masks: ``iou`` = IoU of the dilated masks, ``coverage`` = share of ink pixels within the
 tolerance of the trace (recall), ``precision`` = share of trace pixels within the tolerance of ink.
-The trace is thickened to the original's mean line width first (ink pixels per skeleton pixel), so
+The trace is thickened to the original's mean line width first (ink area / traced length), so
 thick pen lines are not counted as misses.
 
 Why the tracer is hand-written: scikit-image skeletonises but has no skeleton-to-polyline tracer;
@@ -415,6 +415,13 @@ def _order(polys: list[np.ndarray], order: str) -> list[np.ndarray]:
     return out
 
 
+def _line_radius(ink_px: int, length: float) -> int:
+    """Radius (pixels) of a line of mean width ink_px / length, for thickening the 1-px trace."""
+    if length <= 0:
+        return 0
+    return int(max(0, math.floor((ink_px / length - 1) / 2 + 0.5)))
+
+
 def vectorise_raster(grey: np.ndarray, params: VectoriseParams | None = None) -> VectoriseResult:
     """Trace a raster sketch (uint8, black ink on white) into stroke-3 in its pixel frame."""
     from skimage.morphology import skeletonize
@@ -430,11 +437,11 @@ def vectorise_raster(grey: np.ndarray, params: VectoriseParams | None = None) ->
     polys = [np.stack([q[:, 1] + 0.5, q[:, 0] + 0.5], axis=1) for q in polys_rc]
     short = sum(1 for q in polys if _path_length(q) < p.min_stroke_px and len(q) > 1)
     polys = [q for q in polys if len(q) == 1 or _path_length(q) >= p.min_stroke_px]
+    # the original's mean line width ~ ink area / traced length (diagonal steps count sqrt 2)
+    radius = _line_radius(int(ink.sum()), sum(_path_length(q) for q in polys) + len(polys))
     polys = [rdp(q, p.rdp_epsilon) if p.rdp_epsilon > 0 else q for q in polys]
     polys = _order(polys, p.order)
     s3 = polylines_to_stroke3(polys)
-    # the original's mean line width ~ ink pixels per skeleton pixel
-    radius = int(max(0, round((ink.sum() / max(1, int(skel.sum())) - 1) / 2)))
     fid = trace_fidelity(ink, render_trace(polys, ink.shape), p.tolerance_px, radius)
     return VectoriseResult(strokes=s3, n_strokes=len(polys), n_points=int(s3.shape[0]), ink_px=int(ink.sum()),
                            specks_removed=specks, short_strokes_dropped=short, spurs_pruned=pruned, **fid)
@@ -446,7 +453,8 @@ def stroke3_fidelity(s3: np.ndarray, grey: np.ndarray, params: VectoriseParams |
     from skimage.morphology import skeletonize
 
     ink, _ = binarise(grey, p.ink_threshold, p.min_component_px)
-    radius = int(max(0, round((ink.sum() / max(1, int(skeletonize(ink).sum())) - 1) / 2))) if ink.any() else 0
+    polys_rc, _ = trace_skeleton(skeletonize(ink), p.spur_px, p.max_join_turn_deg) if ink.any() else ([], 0)
+    radius = _line_radius(int(ink.sum()), sum(_path_length(q) for q in polys_rc) + len(polys_rc))
     return trace_fidelity(ink, render_trace(stroke3_to_polylines(s3), ink.shape), p.tolerance_px, radius)
 
 
