@@ -129,14 +129,15 @@ def topk_cosine(queries: torch.Tensor | np.ndarray,
         q = F.normalize(q, dim=1)
     nq, dim = q.shape
     step = max(1, min(int(block_rows), int(max_elements) // nq))
-    best_v = torch.empty((nq, 0), dtype=torch.float32)
-    best_i = torch.empty((nq, 0), dtype=torch.long)
+    # work on the queries' device: a CUDA query tensor searches a CPU/streamed gallery block by block
+    best_v = torch.empty((nq, 0), dtype=torch.float32, device=q.device)
+    best_i = torch.empty((nq, 0), dtype=torch.long, device=q.device)
     offset = 0
     for chunk in _chunks_of(gallery):
         if chunk.ndim != 2 or chunk.shape[1] != dim:
             raise SearchError(f"gallery chunk of shape {tuple(chunk.shape)} does not match query dim {dim}")
         for s in range(0, chunk.shape[0], step):
-            block = chunk[s : s + step].float()
+            block = chunk[s : s + step].to(q.device).float()
             if normalize and not gallery_is_unit:
                 block = F.normalize(block, dim=1)
             sims = q @ block.T
