@@ -330,12 +330,24 @@ def setup_worker(config: Mapping[str, Any]) -> torch.device:
     rt = config.get("_runtime", {})
     torch.set_num_threads(int(rt.get("torch_threads", 1)))
     _LOCAL_DIR = Path(rt["local_dir"]) if rt.get("local_dir") else None
+    if os.environ.get("SBIR_DETERMINISTIC") == "1":
+        set_deterministic()
     try:
         import ray.train.torch
 
         return ray.train.torch.get_device()
     except Exception:  # outside Ray (plain function call in a test)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_deterministic() -> None:
+    """Bit-reproducible GPU runs (``SBIR_DETERMINISTIC=1``, read by :func:`setup_worker` on every worker):
+    deterministic cuDNN/cuBLAS kernels and an error from any op that has no deterministic implementation
+    (slower; see docs/reliability.md). CPU runs here are deterministic without it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first call
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def world() -> tuple[int, int]:
