@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -661,3 +662,141 @@ def test_cli_real_ingest_and_strict(shared_data, tmp_path):
     assert (tmp_path / "b.json").is_file() and not (tmp_path / "b").exists()
     r = run_cli("--format", "sketchy", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "c"))
     assert r.returncode == 2 and "missing" in r.stderr
+
+
+# =========================================================================== raster -> strokes, labelled share
+def _small_v1_copy(shared_data: Path, dst: Path, n_train: int = 10, n_test: int = 5, blank_row: int | None = None) -> Path:
+    """The first rows of the real QMUL-V1 databases, saved the same way (keeps the test fast)."""
+    import scipy.io
+
+    dst.mkdir(parents=True)
+    src = shared_data / "qmul_v1_shoes"
+    for split, n in (("train", n_train), ("test", n_test)):
+        sk = scipy.io.loadmat(src / f"shoes_sketch_db_{split}.mat")["data"][:n].copy()
+        if blank_row is not None and split == "train":
+            sk[blank_row] = 255  # a sketch with no ink at all
+        scipy.io.savemat(dst / f"shoes_sketch_db_{split}.mat", {"data": sk})
+        scipy.io.savemat(dst / f"shoes_edge_db_{split}.mat",
+                         {"data": scipy.io.loadmat(src / f"shoes_edge_db_{split}.mat")["data"][:n]})
+    return dst
+
+
+def test_qmul_v1_vectorised_strokes_and_labelled_flags(shared_data, tmp_path):
+    root = _small_v1_copy(shared_data, tmp_path / "v1", blank_row=9)
+    rep = ingest_qmul(root, tmp_path / "out", opts(vectorise=True, labelled_share=0.3, photo_size=32, image_size=32,
+                                                   line_width=1.0))
+    # the blank sketch is reported, kept as a raster without strokes; everything else is traced
+    assert rep.issue_counts == {"vectorise_no_strokes": 1} and "train_0010" in rep.issues[0]["detail"]
+    v = rep.info["vectorise"]
+    assert v["sketches"] == 15 and v["traced"] == 14 and v["no_strokes"] == 1
+    assert v["no_strokes_ids"] == ["shoes/train_0010"]
+    assert v["iou"]["min"] > 0.75 and v["coverage"]["mean"] > 0.97
+    assert 5 <= v["strokes_per_sketch"]["median"] <= 40
+    ds = open_dataset(tmp_path / "out")
+    assert ds.manifest["ingest"]["vectorise"]["traced"] == 14
+    sk = rows(sketches_table(tmp_path / "out"))
+    strokes = strokes_from_arrow(sketches_table(tmp_path / "out").column("strokes"))
+    for s, s3 in zip(sk, strokes):
+        if s["id"] == "shoes/train_0010":
+            assert s3 is None and not s["source"].endswith("#vectorised")
+        else:
+            assert s3 is not None and len(stroke3_to_polylines(s3)) >= 1 and s["source"].endswith("#vectorised")
+            assert decode_image(s["image"], "L").shape == (32, 32)  # re-rendered by the project rasteriser
+            assert np.abs(s3[:, :2].cumsum(0)).max() <= 256  # source pixels of the 256 px raster
+    # labelled: exactly round(0.3 * 10) = 3 train photos, none in test; photos resized to 32 px
+    photos = rows(photos_table(tmp_path / "out"))
+    lab = [p for p in photos if p["labelled"]]
+    assert len(lab) == 3 and all(p["split"] == "train" for p in lab)
+    assert all((p["height"], p["width"]) == (32, 32) for p in photos)
+    info = rep.info["labelled"]
+    assert info["eligible_train_photos"] == 10 and info["labelled_photos"] == 3
+    assert info["labelled_train_pairs"] == 3 and info["unlabelled_train_pairs"] == 7
+    assert ds.manifest["ingest"]["labelled"] == info
+    # deterministic, and the labelled seed changes the choice but not the split
+    rep2 = ingest_qmul(root, tmp_path / "out2", opts(vectorise=True, labelled_share=0.3, photo_size=32, image_size=32,
+                                                     line_width=1.0))
+    assert rep2.manifest["checksum"] == rep.manifest["checksum"]
+    rep3 = ingest_qmul(root, tmp_path / "out3", opts(labelled_share=0.3, labelled_seed="other"))
+    lab3 = {p["id"] for p in rows(photos_table(tmp_path / "out3")) if p["labelled"]}
+    assert len(lab3) == 3 and lab3 != {p["id"] for p in lab}
+
+
+def test_labelled_share_is_exact_per_class(tmp_path):
+    root = make_sketchy(tmp_path / "flat", published=False)
+    for share, expect in ((0.0, 0), (0.5, None), (1.0, None)):
+        rep = ingest_sketchy(root, tmp_path / f"out{share}", opts(test_share=0.0, labelled_share=share))
+        info = rep.info["labelled"]
+        # eligible: train photos with a sketch (n02691156_359 has none) = 4
+        assert info["eligible_train_photos"] == 4
+        # per class: airplane 2 eligible, cat 2 eligible -> round(share * 2) each
+        want = {0.0: 0, 0.5: 2, 1.0: 4}[share]
+        assert info["labelled_photos"] == want == rep.manifest["labelled_photos"]
+        labelled = [r for r in rows(photos_table(tmp_path / f"out{share}")) if r["labelled"]]
+        if share == 0.5:
+            assert sorted(r["class_name"] for r in labelled) == ["airplane", "cat"]  # stratified
+        pairs = info["labelled_train_pairs"] + info["unlabelled_train_pairs"]
+        assert pairs == 6  # every sketch of SKETCHY has a photo
+
+
+def test_vectorise_cli_options(tmp_path):
+    root = make_sketchy(tmp_path / "flat", published=False)
+    r = run_cli("--format", "sketchy", "--root", str(root), "--out", str(tmp_path / "o"), "--no-progress",
+                "--vectorise-rdp-eps", "2")
+    assert r.returncode == 2 and "without --vectorise" in r.stderr
+    r = run_cli("--format", "sketchy", "--root", str(root), "--out", str(tmp_path / "o"), "--no-progress",
+                "--vectorise", "--vectorise-order", "position", "--vectorise-ink-threshold", "0.5",
+                "--image-size", "32", "--photo-size", "16")
+    assert r.returncode == 0, r.stderr
+    m = open_dataset(tmp_path / "o").manifest
+    assert m["ingest"]["vectorise"]["params"]["order"] == "position"
+    assert m["ingest"]["vectorise"]["traced"] == m["totals"]["sketches"] == 6
+    with pytest.raises(IngestError, match="ink_threshold"):
+        ingest_sketchy(root, tmp_path / "o2", opts(vectorise=True, vectorise_params={"ink_threshold": 1.5}))
+
+
+# =========================================================================== real-data pipelines
+PIPELINES = ("sketchy-mini", "qmul-shoe-v1")
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_real_data_pipeline_params_and_dag(name, tmp_path):
+    """Both pipelines' params validate and their dvc.yaml only names existing stages, params and files."""
+    import yaml
+
+    from sbir.config import load_params
+
+    pdir = REPO / "pipelines" / name
+    params = load_params(pdir / "params.yaml")
+    assert params.pipeline == name and params.outputs_dir == f"outputs/{name}" and params.dataset_dir == f"data/{name}"
+    dvc = yaml.safe_load((pdir / "dvc.yaml").read_text())
+    raw = yaml.safe_load((pdir / "params.yaml").read_text())
+    for stage, spec in dvc["stages"].items():
+        script = REPO / "stages" / f"{stage}.py"
+        assert script.is_file() and spec["cmd"].startswith(f"python stages/{stage}.py")
+        for dep in spec.get("deps", []):  # code deps exist; data deps are this pipeline's outputs
+            assert (REPO / dep).exists() or dep.startswith((f"data/{name}", f"outputs/{name}/")), dep
+        for out in spec.get("outs", []):
+            assert out.startswith((f"data/{name}", f"outputs/{name}/")), out
+        for group in spec.get("params", []):
+            for keys in group.values():
+                for key in keys:  # every declared param exists in this params.yaml
+                    node = raw
+                    for part in key.split("."):
+                        assert part in node, f"{name}:{stage} declares param {key} missing from params.yaml"
+                        node = node[part]
+    if name == "qmul-shoe-v1":
+        assert params.fgsbir_joint.init == "scratch"  # no category-level students for one class
+        assert "distill" not in dvc["stages"] and "qmul_v1_shoes" in dvc["stages"]["ingest"]["cmd"]
+    else:
+        assert params.fgsbir_joint.init == "data_free"
+        assert params.teacher_pretrain.image_size == 48 and "--photo-size 48" in dvc["stages"]["ingest"]["cmd"]
+    # dvc itself parses the file and resolves the DAG (in a copy: no lock or cache of the checkout touched)
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO / ".dvc", copy / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copytree(pdir, copy / "pipelines" / name, ignore=shutil.ignore_patterns("dvc.lock"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
+    r = subprocess.run(["dvc", "dag", "--md", f"pipelines/{name}/dvc.yaml"], cwd=copy, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "fg_evaluate" in r.stdout and "ingest" in r.stdout
