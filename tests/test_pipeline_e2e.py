@@ -99,3 +99,19 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     proc = subprocess.run([sys.executable, "stages/teacher_pretrain.py", "--no-mlflow"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+    # dvc plots (engineer B): every chart of dvc.yaml's top-level plots renders from its data file, with rows
+    plots = subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=root, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert plots.returncode == 0, plots.stderr[-3000:]
+    shown_plots = json.loads(plots.stdout)
+    assert not shown_plots.get("errors"), shown_plots["errors"]
+    for name, field in (("teacher_pretrain_loss", "photo_ce"), ("reconstruct_loss", "total"),
+                        ("distill_loss", "student_total"), ("sketch_generator_loss", "eval_total"),
+                        ("fgsbir_joint_loss", "semi"), ("pr_curve", "crossx_dfl"), ("fg_rank_histogram", "semi")):
+        rows = shown_plots["data"][name][0]["content"]["data"]["values"]
+        assert rows and all(field in r for r in rows), (name, rows[:2])
+    pr = json.loads((root / "outputs/evaluate/pr_by_method.json").read_text())
+    assert len(pr) == 101 and all(0.0 <= r["crossx_dfl"] <= 1.0 for r in pr)
+    hist = json.loads((root / "outputs/fg_evaluate/rank_histogram.json").read_text())
+    assert sum(r["semi"] for r in hist) == fg["num_queries"]  # every query in exactly one bin

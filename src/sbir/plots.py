@@ -13,6 +13,7 @@ Images are HxW (grey) or HxWx3 / HxWx4 arrays. They may be uint8 in
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -276,3 +277,32 @@ def plot_loss_curves(
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def write_plot_table(path: str | Path, x_name: str, x_values: Sequence[float],
+                     series: Mapping[str, Sequence[float]]) -> Path:
+    """A data file for ``dvc plots``: a JSON list of rows ``{x_name: x, <series name>: y, ...}``.
+
+    DVC draws one line per (file, field), so a wide table gives one line per method or model; a long
+    table (one ``method`` column) cannot be split by DVC's templates. Non-finite values become null.
+    """
+    rows = []
+    for i, x in enumerate(x_values):
+        row: dict[str, float | None] = {x_name: float(x)}
+        for name, ys in series.items():
+            y = float(ys[i])
+            row[str(name)] = y if np.isfinite(y) else None
+        rows.append(row)
+    path = Path(path)
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def rank_histogram_rows(ranks_by_model: Mapping[str, np.ndarray], max_rank: int) -> tuple[list[int], dict[str, list[int]]]:
+    """(rank bins 1..max_rank+1, queries per bin per model); the last bin gathers ranks above ``max_rank``."""
+    bins = list(range(1, int(max_rank) + 2))
+    counts = {}
+    for name, r in ranks_by_model.items():
+        r = np.minimum(np.asarray(r).reshape(-1).astype(np.int64), max_rank + 1)
+        counts[str(name)] = np.bincount(r, minlength=max_rank + 2)[1:].tolist()
+    return bins, counts

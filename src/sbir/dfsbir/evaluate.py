@@ -88,6 +88,11 @@ def run_evaluate(ctx) -> dict[str, Any]:
     rows = [{"method": m, "recall": float(r), "precision": float(pr)} for m, (rec, prec) in curves.items()
             for r, pr in zip(rec, prec)]
     (ctx.tmp_out / "pr_curve.json").write_text(json.dumps(rows))
+    # the same curves wide (one column per method) for `dvc plots show` (dvc.yaml plots: pr_curve)
+    from sbir.plots import write_plot_table
+
+    recall = next(iter(curves.values()))[0]
+    write_plot_table(ctx.tmp_out / "pr_by_method.json", "recall", recall, {m: prec for m, (_, prec) in curves.items()})
     plot_pr_curves(curves, ctx.tmp_out / "pr_curves.png")
     # top-10 retrievals for a few queries (one per class where possible)
     q, g = embeddings["crossx_dfl"]

@@ -109,6 +109,10 @@ def _run_fg_evaluate(ctx) -> dict[str, Any]:
         np.save(emb_dir / f"{name}_query.npy", q.numpy())
         np.save(emb_dir / f"{name}_gallery.npy", g.numpy())
         np.save(emb_dir / f"{name}_ranks.npy", ranks_by[name])
+    # the histogram's data for `dvc plots show`: queries per rank, the last bin = ranks above max_rank_shown
+    from sbir.plots import rank_histogram_rows, write_plot_table
+
+    write_plot_table(ctx.tmp_out / "rank_histogram.json", "rank", *rank_histogram_rows(ranks_by, p.max_rank_shown))
     plot_rank_histogram(ranks_by, ctx.tmp_out / "rank_histogram.png", max_rank=p.max_rank_shown,
                         title="rank of the true photo (test sketches -> test photos)")
     # top-k retrievals of evenly spread queries, for the headline model (semi) and the supervised baseline

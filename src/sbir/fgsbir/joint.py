@@ -692,6 +692,13 @@ def run_fgsbir_joint(ctx) -> dict[str, Any]:
         torch.save(extras, ck / "semi_generator_discriminator.pt")
     history = {name: v["history"] for name, v in done.items()}
     (ctx.tmp_out / "history.json").write_text(json.dumps(history, indent=2))
+    # total loss per variant on the steps all variants logged, for `dvc plots show` (one line per variant)
+    from sbir.plots import write_plot_table
+
+    steps = sorted(set.intersection(*(set(h["step"] for h in hist) for hist in history.values()))) if history else []
+    write_plot_table(ctx.tmp_out / "loss_history.json", "step", steps,
+                     {name: [next(h["total"] for h in hist if h["step"] == s) for s in steps]
+                      for name, hist in history.items()})
     curves: dict[str, list[float]] = {}
     for name, hist in history.items():
         for k in ("total", "labelled_triplet", "pseudo_triplet", "consistency", "discriminator", "g_reward"):
