@@ -237,6 +237,20 @@ def link_upstream(base_outputs: Path, trial_outputs: Path, run_stages: list[str]
     return linked
 
 
+def upstream_checksums(base_outputs: Path, run_stages: list[str]) -> dict[str, str]:
+    """sha256 of every file of the upstream stage outputs a sweep links (``verify`` checks they did not change)."""
+    import hashlib
+
+    out = {}
+    for stage in STAGES:
+        d = base_outputs / stage
+        if stage in run_stages or not d.is_dir():
+            continue
+        for f in sorted(p for p in d.rglob("*") if p.is_file()):
+            out[str(f.relative_to(base_outputs))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
 # ------------------------------------------------------------------------------------ one trial
 
 _POSITION_KEYS = ("step", "round", "epoch")
@@ -358,15 +372,13 @@ def _trial(config: dict[str, Any], spec_json: str, ctx_json: str) -> None:
 
 
 def default_out_dir(spec: SweepSpec) -> Path:
-    from sbir.train.runtime import ray_results_dir  # noqa: F401  (same root as the Ray folders)
-
+    """``ray_results/sweeps/<name>`` (under $SBIR_RAY_RESULTS when set, like the Ray Train folders)."""
     return (Path(os.environ.get("SBIR_RAY_RESULTS", REPO_ROOT / "ray_results")) / "sweeps" / spec.name).resolve()
 
 
 def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike | None = None, use_mlflow: bool = True,
               extra_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the sweep; returns the summary written to ``<out_dir>/sweep.json``."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -385,6 +397,8 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike | None = 
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     root = load_params(repo_path(spec.params), spec.base_overrides)
     base_outputs = repo_path(root.outputs_dir)
+    # the pipeline's outputs the trials read: if they change later, the sweep's numbers are not reproducible
+    (out / "upstream.json").write_text(json.dumps(upstream_checksums(base_outputs, spec.stages), indent=1))
     env = {k: os.environ[k] for k in (tracking.MLFLOW_DIR_ENV, tracking.MLFLOW_URI_ENV, "SBIR_RAY_RESULTS")
            if os.environ.get(k)}
     parent_cm = None
@@ -451,8 +465,7 @@ def run_sweep(spec_path: str | os.PathLike, out_dir: str | os.PathLike | None = 
         raise
     if parent_cm:
         parent_cm.__exit__(None, None, None)
-    _ = ray  # Ray stays up for the caller's process (tests share it); it stops when the process exits
-    return summary
+    return summary  # Ray stays up for the rest of this process (tests share it); it stops when the process exits
 
 
 def collect_results(spec: SweepSpec, out: Path, grid: Any) -> list[dict[str, Any]]:
@@ -572,7 +585,12 @@ def plot_objective(spec: SweepSpec, df: Any, path: Path) -> None:
         if numeric:
             x = values
             if isinstance(dim, LogUniformDim):
+                from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
                 ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(ScalarFormatter())  # 0.2, 0.5, 1, 2, 5 rather than 2x10^-1
+                ax.xaxis.set_minor_formatter(NullFormatter())
         else:  # categorical: positions in the order of the spec's values
             labels = [json.dumps(v) for v in getattr(dim, "values", sorted(set(map(str, values))))]
             x = [labels.index(json.dumps(v)) if json.dumps(v) in labels else -1 for v in values]
@@ -697,10 +715,20 @@ def verify(sweep_dir: str | os.PathLike, work_dir: str | os.PathLike | None = No
                 (repo / item).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(src, repo / item)
         root = load_params(repo_path(spec.params))
+        if Path(root.outputs_dir).is_absolute() or Path(root.dataset_dir).is_absolute():
+            raise SweepError(f"{spec.params}: verify needs relative outputs_dir and dataset_dir (the copy would "
+                             "otherwise write to the original folders)")
         base_outputs = repo_path(root.outputs_dir)
+        recorded = sweep_dir / "upstream.json"
+        if recorded.is_file():
+            now = upstream_checksums(base_outputs, spec.stages)
+            changed = sorted(k for k, v in json.loads(recorded.read_text()).items() if now.get(k) != v)
+            if changed:
+                raise SweepError(f"{base_outputs}: {len(changed)} upstream file(s) changed since the sweep ran "
+                                 f"(e.g. {changed[:3]}); rerun the sweep on the current outputs")
         for stage in STAGES:  # upstream outputs as real copies (DVC hashes its deps)
             if stage not in spec.stages and (base_outputs / stage).is_dir():
-                shutil.copytree(base_outputs / stage, repo / "outputs" / stage)
+                shutil.copytree(base_outputs / stage, repo / root.outputs_dir / stage)
         data = repo_path(root.dataset_dir)
         if data.is_dir():
             (repo / root.dataset_dir).parent.mkdir(parents=True, exist_ok=True)
