@@ -800,3 +800,56 @@ def test_real_data_pipeline_params_and_dag(name, tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "fg_evaluate" in r.stdout and "ingest" in r.stdout
+
+
+QMUL_TINY = {
+    "ray": {"num_workers": 0},
+    "sketch_generator": {"steps": 4, "batch_size": 8, "log_every": 2, "history_every": 2, "eval_pairs": 8,
+                         "num_preview": 4},
+    "fgsbir_joint": {"supervised_steps": 4, "joint_steps": 4, "batch_size": 8, "pseudo_batch_size": 8, "log_every": 2,
+                     "history_every": 2, "discriminator": {"warmup_steps": 2},
+                     "policy_gradient": {"every": 2, "batch_size": 4}},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_qmul_shoe_v1_pipeline_tiny_repro(shared_data, tmp_path):
+    """`dvc repro pipelines/qmul-shoe-v1/dvc.yaml` on the real QMUL-V1 sample with tiny step counts
+    (local-mode Ray) in a copy of the repository: ingest -> vectorise -> ... -> fg_evaluate."""
+    import yaml
+
+    def merge(base: dict, over: dict) -> dict:
+        for k, v in over.items():
+            base[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+        return base
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    for item in ("stages", "src", ".dvc", ".dvcignore", ".gitignore"):
+        src = REPO / item
+        (shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+         if src.is_dir() else shutil.copy(src, root / item))
+    pdir = root / "pipelines" / "qmul-shoe-v1"
+    pdir.mkdir(parents=True)
+    params = merge(yaml.safe_load((REPO / "pipelines/qmul-shoe-v1/params.yaml").read_text()), QMUL_TINY)
+    (pdir / "params.yaml").write_text(yaml.safe_dump(params))
+    dvc_text = (REPO / "pipelines/qmul-shoe-v1/dvc.yaml").read_text()
+    assert "../shared/data/qmul_v1_shoes" in dvc_text
+    (pdir / "dvc.yaml").write_text(dvc_text.replace("../shared/data/qmul_v1_shoes", str(shared_data / "qmul_v1_shoes")))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "SBIR_MLFLOW_DIR": str(root / "mlflow"), "SBIR_RAY_RESULTS": str(root / "ray_results"),
+           "PYTHONPATH": str(root / "src")}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"]):
+        subprocess.run(cmd, cwd=root, check=True, env=env)
+    r = subprocess.run(["dvc", "repro", "pipelines/qmul-shoe-v1/dvc.yaml"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rep = json.loads((root / "outputs/qmul-shoe-v1/ingest_report.json").read_text())
+    assert rep["info"]["vectorise"]["traced"] == 419 and rep["info"]["labelled"]["labelled_photos"] == 91
+    m = json.loads((root / "outputs/qmul-shoe-v1/fg_evaluate/metrics.json").read_text())
+    assert m["num_queries"] == 115 and m["gallery_size"] == 115
+    assert m["chance/acc@1"] == pytest.approx(1 / 115, abs=1e-4)
+    for variant in ("supervised", "semi", "full"):
+        assert 0.0 <= m[f"{variant}/acc@1"] <= m[f"{variant}/acc@5"] <= m[f"{variant}/acc@10"] <= 1.0
