@@ -154,12 +154,19 @@ def stage_run(experiment: str, stage: str, params: Mapping[str, Any], params_has
     flat = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run.info.run_id, params=flat[i : i + 100])
-    try:
+    with _finished_or_failed(client, run.info.run_id):
         yield handle
+
+
+@contextmanager
+def _finished_or_failed(client: Any, run_id: str) -> Iterator[None]:
+    """Mark the run FINISHED when the block ends, FAILED when it raises (then re-raise)."""
+    try:
+        yield
     except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
+        client.set_terminated(run_id, status="FAILED")
         raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    client.set_terminated(run_id, status="FINISHED")
 
 
 @contextmanager
@@ -176,12 +183,8 @@ def nested_run(experiment: str, run_name: str, params: Mapping[str, Any] | None 
     handle = RunHandle(tracking_uri(), run.info.run_id)
     if params:
         handle.log_params(params)
-    try:
+    with _finished_or_failed(client, run.info.run_id):
         yield handle
-    except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
-        raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
 
 
 def child_runs(experiment: str, parent_run_id: str) -> list[Any]:
