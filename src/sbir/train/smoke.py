@@ -18,6 +18,7 @@ def make_data(n: int = 512, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, 
 def regression_loop(config: dict) -> None:
     rt.setup_worker(config)
     x, y, _ = make_data(config.get("n", 512), config.get("dim", 8))
+    torch.manual_seed(config.get("seed", 0))  # same initial weights on every worker and every run
     model = torch.nn.Linear(x.shape[1], 1)
     opt = torch.optim.SGD(model.parameters(), lr=config.get("lr", 0.1))
     start = 0
