@@ -114,42 +114,16 @@ def run_stage(stage: str, run_fn: Callable[[StageContext], Mapping[str, Any]], a
     from sbir.train.runtime import TRAINING_LOG
 
     n_trainings = len(TRAINING_LOG)
-    # wall time and peak RSS of this process and its children (Ray's raylet and workers): resources.json
-    monitor = ResourceMonitor().start()
-    try:
-        return _run_and_publish(stage, run_fn, root, sec, section, digest, args, ctx_kwargs, tmp_out, out_dir,
-                                monitor, n_trainings)
-    finally:
-        monitor.stop()  # also when the stage fails: no sampling thread left behind
-
-
-def _run_and_publish(stage, run_fn, root, sec, section, digest, args, ctx_kwargs, tmp_out, out_dir, monitor,
-                     n_trainings) -> dict[str, Any]:
-    from sbir.train.runtime import TRAINING_LOG
-
-    start = time.time()
-    if args.no_mlflow or os.environ.get("SBIR_NO_MLFLOW") == "1":
-        ctx = StageContext(run=None, **ctx_kwargs)
-        metrics = dict(run_fn(ctx))
-    else:
-        flat = {"seed": root.seed, "dataset_dir": root.dataset_dir, **flatten(root.ray, "ray.")}
-        if sec is not None:
-            flat.update(flatten(sec, f"{section or stage}."))
-        checksum = _dataset_checksum(root)
-        with stage_run(root.pipeline, stage, flat, digest, checksum) as run:
-            ctx = StageContext(run=run, **ctx_kwargs)
-            metrics = dict(run_fn(ctx))
-            metrics.setdefault("stage_seconds", round(time.time() - start, 1))
-            run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            ctx.log_artifacts()
-    metrics.setdefault("stage_seconds", round(time.time() - start, 1))
+    # wall time and peak RSS of this process and its children (Ray's raylet and workers): resources.json;
+    # the monitor stops when the block ends, also when the stage fails (no sampling thread left behind)
+    with ResourceMonitor() as monitor:
+        metrics = _run(stage, run_fn, root, sec, section or stage, digest, args, ctx_kwargs)
     trainings = TRAINING_LOG[n_trainings:]
     if trainings:
         # "resumed from epoch N": which checkpoint each Ray Train fit of this stage continued from
         metrics.setdefault("resumed_from", trainings[0]["resumed_from"] if len(trainings) == 1
                            else [t["resumed_from"] for t in trainings])
     (tmp_out / "stage_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    monitor.stop()
     res = monitor.report.to_dict()
     res.update(stage=stage, trainings=trainings)
     (tmp_out / "resources.json").write_text(json.dumps(res, indent=2, default=str))
@@ -158,6 +132,26 @@ def _run_and_publish(stage, run_fn, root, sec, section, digest, args, ctx_kwargs
     os.replace(tmp_out, out_dir)
     print(f"[{stage}] done in {metrics['stage_seconds']} s -> {out_dir}")
     print(json.dumps(metrics, indent=2, default=str))
+    return metrics
+
+
+def _run(stage: str, run_fn: Callable[[StageContext], Mapping[str, Any]], root: Root, sec: Any, section: str,
+         digest: str, args: argparse.Namespace, ctx_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Call the stage function, inside an MLflow run unless tracking is off; returns its metrics."""
+    start = time.time()
+    if args.no_mlflow or os.environ.get("SBIR_NO_MLFLOW") == "1":
+        metrics = dict(run_fn(StageContext(run=None, **ctx_kwargs)))
+    else:
+        flat = {"seed": root.seed, "dataset_dir": root.dataset_dir, **flatten(root.ray, "ray.")}
+        if sec is not None:
+            flat.update(flatten(sec, f"{section}."))
+        with stage_run(root.pipeline, stage, flat, digest, _dataset_checksum(root)) as run:
+            ctx = StageContext(run=run, **ctx_kwargs)
+            metrics = dict(run_fn(ctx))
+            metrics.setdefault("stage_seconds", round(time.time() - start, 1))
+            run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            ctx.log_artifacts()
+    metrics.setdefault("stage_seconds", round(time.time() - start, 1))
     return metrics
 
 
