@@ -40,6 +40,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from sbir.config import params_hash
+
 CACHE_VERSION = 2  # 2: embeddings as fixed-size binary (1 stored a fixed-size list)
 CACHE_META_KEY = b"sbir.search"
 PHOTO_EXTS = (".jpg", ".jpeg", ".png")
@@ -671,7 +673,7 @@ def cache_key(encoder: SearchEncoder, gallery_identity: str) -> dict[str, Any]:
 
 
 def _cache_filename(key: dict[str, Any], gallery_path: Path) -> str:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = params_hash(key)  # the project's short stable hash of plain data
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in gallery_path.resolve().name)[:40]
     return f"{slug}-{key['model']}-{digest}.parquet"
 
