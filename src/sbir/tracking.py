@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,7 +221,3 @@ def find_runs(experiment: str, stage: str | None = None) -> list[Any]:
         return []
     flt = f"tags.`sbir.stage` = '{stage}'" if stage else ""
     return client.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"])
-
-
-def temp_artifact_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="sbir-artifacts-")
