@@ -33,7 +33,6 @@ def _merge(base: dict, over: dict) -> dict:
 @pytest.fixture(scope="module")
 def tiny_params(tiny_dataset, tmp_path_factory) -> Path:
     """A params file on the tiny dataset with trained tiny teachers in its outputs dir."""
-    from sbir.dfsbir.teacher import run_teacher_pretrain
     from sbir.stage import run_stage
 
     d = tmp_path_factory.mktemp("sweep")
@@ -41,7 +40,7 @@ def tiny_params(tiny_dataset, tmp_path_factory) -> Path:
     params.update(dataset_dir=str(tiny_dataset), outputs_dir=str(d / "outputs"), pipeline="sweep-test")
     path = d / "params.yaml"
     path.write_text(yaml.safe_dump(params))
-    run_stage("teacher_pretrain", run_teacher_pretrain, argv=["--params", str(path), "--no-mlflow"])
+    run_stage("teacher_pretrain", argv=["--params", str(path), "--no-mlflow"])
     return path
 
 
