@@ -28,7 +28,7 @@ VARIANTS: dict[str, list[str]] = {
     "no_proxy_loss": ["distill.weights.proxy=0"],
     "no_teacher_kd": ["distill.weights.teacher_kd=0"],
     "no_cross_modal": ["distill.weights.cross_modal=0"],
-    "no_adversarial": ["reconstruct.weights.adversarial=0"],
+    "no_adversarial": ["distill.adversarial_weight=0"],
     "no_class_alignment": ["reconstruct.weights.class_alignment=0"],
     "no_modality": ["reconstruct.weights.modality=0"],
     "linear_head": ["distill.student.head=linear"],
@@ -42,9 +42,8 @@ def evaluate_students(students_path: Path, dataset_dir: Path, teachers_path: Pat
 
     from sbir.data.datasets import load_image_set
     from sbir.data.format import open_dataset
-    from sbir.dfsbir.evaluate import embed
-    from sbir.dfsbir.distill import load_students
-    from sbir.dfsbir.teacher import load_teachers
+    from sbir.models.backbones import embed
+    from sbir.models.checkpoints import load_students, load_teachers
     from sbir.metrics import category_retrieval_metrics
 
     torch.set_num_threads(1)
@@ -53,8 +52,8 @@ def evaluate_students(students_path: Path, dataset_dir: Path, teachers_path: Pat
     ph = load_image_set(ds, "photos", ["test"])
     size = int(load_teachers(str(teachers_path))[1]["params"]["image_size"])
     model, _ = load_students(str(students_path))
-    return category_retrieval_metrics(embed(model.sketch_encoder, sk.images, size), sk.labels,
-                                      embed(model.photo_encoder, ph.images, size), ph.labels)
+    return category_retrieval_metrics(embed(model.sketch_encoder, sk.images, size=size), sk.labels,
+                                      embed(model.photo_encoder, ph.images, size=size), ph.labels)
 
 
 def main() -> None:
@@ -92,7 +91,7 @@ def main() -> None:
             stages = (["reconstruct"] if args.with_reconstruct else []) + ["distill"]
             t0 = time.time()
             for stage in stages:
-                proc = subprocess.run([sys.executable, str(REPO / f"stages/{stage}.py"), "--params", args.params,
+                proc = subprocess.run([sys.executable, "-m", "sbir", "run", stage, "--params", args.params,
                                        "--restart", *cli], env=dict(env, SBIR_RAY_RESULTS=str(Path(tmp) / "ray")),
                                       capture_output=True, text=True)
                 if proc.returncode != 0:

@@ -35,19 +35,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-TRAINING_STAGES = ["teacher_pretrain", "reconstruct", "distill", "upper_bound", "sketch_generator", "fgsbir_joint"]
+from sbir.registry import TRAINING_STAGES  # noqa: E402
 
 # Small but real sizes (every count is multiplied by --scale).
 BASE_PARAMS: dict[str, Any] = {
     "prepare": {"num_classes": 6, "train_instances_per_class": 48, "test_instances_per_class": 8},
     "teacher_pretrain": {"epochs": 3, "batch_size": 32},
     "reconstruct": {"steps": 20, "batch_size": 32, "log_every": 10, "bank_size": 64},
-    "distill": {"rounds": 10, "student_steps": 2, "batch_size": 32, "log_every": 5, "upper_bound_rounds": 10},
+    "distill": {"rounds": 10, "student_steps": 2, "batch_size": 32, "log_every": 5},
+    "upper_bound": {"rounds": 10},
     "sketch_generator": {"steps": 30, "batch_size": 16, "log_every": 15, "history_every": 5, "eval_pairs": 16,
                          "num_preview": 2, "kl_anneal_steps": 30},
     "pseudo_pairs": {"num_preview": 4},
@@ -55,7 +56,7 @@ BASE_PARAMS: dict[str, Any] = {
                      "log_every": 10, "history_every": 5, "discriminator": {"warmup_steps": 5},
                      "policy_gradient": {"every": 2, "batch_size": 8}},
 }
-SCALED = {"teacher_pretrain": ["epochs"], "reconstruct": ["steps"], "distill": ["rounds", "upper_bound_rounds"],
+SCALED = {"teacher_pretrain": ["epochs"], "reconstruct": ["steps"], "distill": ["rounds"], "upper_bound": ["rounds"],
           "sketch_generator": ["steps"], "fgsbir_joint": ["supervised_steps", "joint_steps"]}
 
 
@@ -70,7 +71,7 @@ def samples_processed(stage: str, root: Any, workers: int, num_train_photos: int
         return root.reconstruct.steps * root.reconstruct.batch_size * w  # generated pairs
     if stage in ("distill", "upper_bound"):
         p = root.distill
-        rounds = p.rounds if stage == "distill" or p.upper_bound_rounds is None else p.upper_bound_rounds
+        rounds = p.rounds if stage == "distill" or root.upper_bound.rounds is None else root.upper_bound.rounds
         return rounds * p.student_steps * p.batch_size * w  # student pairs
     if stage == "sketch_generator":
         return root.sketch_generator.steps * root.sketch_generator.batch_size * w  # photo-sketch pairs
@@ -86,22 +87,6 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         base[k] = _merge(dict(base.get(k) or {}), v) if isinstance(v, dict) else v
     return base
-
-
-def _stage_fn(stage: str) -> tuple[Callable, str | None]:
-    from sbir.data.prepare import run_prepare
-    from sbir.dfsbir.distill import run_distill
-    from sbir.dfsbir.reconstruct import run_reconstruct
-    from sbir.dfsbir.teacher import run_teacher_pretrain
-    from sbir.fgsbir.generator_train import run_sketch_generator
-    from sbir.fgsbir.joint import run_fgsbir_joint
-    from sbir.fgsbir.pseudo_pairs import run_pseudo_pairs
-
-    return {"prepare": (run_prepare, None), "teacher_pretrain": (run_teacher_pretrain, None),
-            "reconstruct": (run_reconstruct, "reconstruct"), "distill": (run_distill, "distill"),
-            "upper_bound": (lambda ctx: run_distill(ctx, source="real"), "distill"),
-            "sketch_generator": (run_sketch_generator, "sketch_generator"),
-            "pseudo_pairs": (run_pseudo_pairs, "pseudo_pairs"), "fgsbir_joint": (run_fgsbir_joint, "fgsbir_joint")}[stage]
 
 
 def _fixed_cost(workers: int, storage: Path) -> float:
@@ -143,11 +128,10 @@ def run(workers: list[int], stages: list[str], scale: float, overrides: list[str
     root = load_params(params_path)
 
     def stage(name: str, n_workers: int) -> dict[str, Any]:
-        fn, section = _stage_fn(name)
         n_before = len(rt.TRAINING_LOG)
         t0 = time.time()
-        metrics = run_stage(name, fn, argv=["--params", str(params_path), "--no-mlflow", "--restart", "--set",
-                                            f"ray.num_workers={n_workers}"], section=section)
+        metrics = run_stage(name, argv=["--params", str(params_path), "--no-mlflow", "--restart", "--set",
+                                        f"ray.num_workers={n_workers}"])
         wall = time.time() - t0
         fits = rt.TRAINING_LOG[n_before:]
         return {"stage_seconds": round(wall, 2), "fit_seconds": round(sum(f["train_seconds"] for f in fits), 2)
@@ -166,7 +150,7 @@ def run(workers: list[int], stages: list[str], scale: float, overrides: list[str
 
     if any(w > 0 for w in workers):
         t0 = time.time()
-        rt._ensure_ray(RayParams(num_workers=max(workers)))
+        rt.ensure_ray(RayParams(num_workers=max(workers)))
         results["ray_init_seconds"] = round(time.time() - t0, 2)
     for w in workers:
         print(f"fixed cost, {w} worker(s) ...", flush=True)

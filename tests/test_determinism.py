@@ -45,9 +45,6 @@ def _assert_same_tensors(a, b, where: str = "") -> None:
 
 
 def _run_pipeline(tmp_path: Path, name: str, dataset: Path) -> Path:
-    from sbir.dfsbir.reconstruct import run_reconstruct
-    from sbir.dfsbir.teacher import run_teacher_pretrain
-
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     out = tmp_path / name
     params.update(dataset_dir=str(dataset), outputs_dir=str(out), pipeline=f"determinism-{name}")
@@ -57,8 +54,8 @@ def _run_pipeline(tmp_path: Path, name: str, dataset: Path) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(params))
     argv = ["--params", str(path), "--no-mlflow", "--restart"]
-    run_stage("teacher_pretrain", run_teacher_pretrain, argv=argv)
-    run_stage("reconstruct", run_reconstruct, argv=argv, section="reconstruct")
+    run_stage("teacher_pretrain", argv=argv)
+    run_stage("reconstruct", argv=argv)
     return out
 
 
@@ -86,13 +83,11 @@ def test_same_params_and_seed_give_identical_results_on_cpu(tmp_path, tiny_datas
 
 
 def _other_seed(tmp_path: Path, dataset: Path) -> dict:
-    from sbir.dfsbir.teacher import run_teacher_pretrain
-
     params = yaml.safe_load((tmp_path / "a.yaml").read_text())
     params.update(seed=1, outputs_dir=str(tmp_path / "seed1"), pipeline="determinism-seed1")
     path = tmp_path / "seed1.yaml"
     path.write_text(yaml.safe_dump(params))
-    run_stage("teacher_pretrain", run_teacher_pretrain, argv=["--params", str(path), "--no-mlflow", "--restart"])
+    run_stage("teacher_pretrain", argv=["--params", str(path), "--no-mlflow", "--restart"])
     return torch.load(tmp_path / "seed1/teacher_pretrain/teachers.pt", map_location="cpu", weights_only=False)["model"]
 
 

@@ -7,7 +7,7 @@ import torch
 from sbir.config import BackboneParams, ReconstructParams, TeacherParams
 from sbir.dfsbir import losses as L
 from sbir.dfsbir.reconstruct import EstimatorObjective
-from sbir.dfsbir.teacher import build_teachers
+from sbir.models.checkpoints import TeacherSet
 from sbir.models.backbones import EncoderPair
 from sbir.models.estimators import EstimatorPair
 
@@ -101,7 +101,7 @@ def test_init_proxies_projects_teacher_rows():
 
 def test_estimator_objective_gradient_reaches_estimators_only():
     tp = TeacherParams(backbone=BackboneParams(width=8, depth=3), modality_backbone=BackboneParams(width=4, depth=2))
-    teachers = build_teachers(tp, C).eval().requires_grad_(False)
+    teachers = TeacherSet(tp, C).eval().requires_grad_(False)
     rp = ReconstructParams(latent_dim=8, estimator_width=4, weights={"bn_prior": 1.0})
     estimators = EstimatorPair(8, C, 4, 16)
     students = EncoderPair(BackboneParams(width=8, depth=3), 8)

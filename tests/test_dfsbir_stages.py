@@ -7,10 +7,7 @@ import json
 import pytest
 import yaml
 
-from sbir.dfsbir.distill import run_distill
-from sbir.dfsbir.evaluate import run_evaluate
-from sbir.dfsbir.reconstruct import read_bank, run_reconstruct
-from sbir.dfsbir.teacher import run_teacher_pretrain
+from sbir.dfsbir.reconstruct import read_bank
 from sbir.stage import run_stage
 
 
@@ -22,7 +19,8 @@ def _params(tmp_path, dataset, backbone: dict, image_size: int) -> str:
         "reconstruct": {"steps": 2, "batch_size": 8, "log_every": 1, "bank_size": 24, "estimator_width": 4,
                         "latent_dim": 8},
         "distill": {"student": {"backbone": backbone, "embed_dim": 16}, "rounds": 2, "student_steps": 1,
-                    "batch_size": 8, "log_every": 1, "upper_bound_rounds": 2},
+                    "batch_size": 8, "log_every": 1},
+        "upper_bound": {"rounds": 2},
         "evaluate": {"map_ks": [10], "precision_ks": [5]},
     }
     path = tmp_path / "params.yaml"
@@ -32,11 +30,9 @@ def _params(tmp_path, dataset, backbone: dict, image_size: int) -> str:
 
 def _run_all(params: str) -> dict:
     argv = ["--params", params, "--no-mlflow"]
-    run_stage("teacher_pretrain", run_teacher_pretrain, argv)
-    run_stage("reconstruct", run_reconstruct, argv)
-    run_stage("distill", run_distill, argv, section="distill")
-    run_stage("upper_bound", lambda ctx: run_distill(ctx, source="real"), argv, section="distill")
-    return run_stage("evaluate", run_evaluate, argv)
+    for stage in ("teacher_pretrain", "reconstruct", "distill", "upper_bound"):
+        run_stage(stage, argv)
+    return run_stage("evaluate", argv)
 
 
 def test_small_cnn_chain_writes_every_output(tmp_path, tiny_dataset):

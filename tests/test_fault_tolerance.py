@@ -221,8 +221,8 @@ def test_nan_loss_stops_stage_naming_term_and_step_and_keeps_checkpoint(tmp_path
     params["teacher_pretrain"].update(epochs=4, batch_size=32)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, SBIR_FAULT_INJECT="nan:sketch_ce@6", SBIR_RAY_RESULTS=str(tmp_path / "ray"))
-    proc = subprocess.run([sys.executable, str(REPO / "stages/teacher_pretrain.py"), "--params",
-                           str(tmp_path / "params.yaml"), "--no-mlflow"], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "sbir", "run", "teacher_pretrain", "--params",
+                           str(tmp_path / "params.yaml"), "--no-mlflow"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 3, proc.stderr[-3000:]
     last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]

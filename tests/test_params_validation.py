@@ -2,17 +2,16 @@
 params file or in a ``--set`` override, gives a one-line error naming the file and the key, exit status 2,
 no output folder, no Ray start.
 
-The stage entry points run in-process (``runpy`` as ``__main__``, so the real ``stage_main`` path with its
-argument parsing and error handling), which keeps the ~40 cases to seconds; one case runs as a real
-subprocess to time the CLI end to end.
+The entry point runs in-process (``sbir.cli.main(["run", stage, ...])``, the real ``stage_main`` path with
+its argument parsing and error handling), which keeps the ~40 cases to seconds; one case runs as a real
+subprocess (``python -m sbir run``) to time the CLI end to end.
 """
 from __future__ import annotations
 
-import re
-import runpy
 import subprocess
 import sys
 import time
+import types
 import typing
 from pathlib import Path
 
@@ -20,29 +19,13 @@ import annotated_types
 import pytest
 import yaml
 
+from sbir.cli import main as sbir_main
 from sbir.config import ParamsError, Root, load_params
+from sbir.registry import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES_DIR = REPO / "stages"
-# entry points that are not params.yaml stages (own command line; tested separately below)
-NON_PARAMS_ENTRY_POINTS = {"ingest"}
-
-
-def _stage_sections() -> dict[str, str]:
-    """stage name -> the params section it validates, read from each stage file's stage_main call."""
-    out = {}
-    for path in sorted(STAGES_DIR.glob("*.py")):
-        if path.stem.startswith("_") or path.stem in NON_PARAMS_ENTRY_POINTS:
-            continue
-        text = path.read_text()
-        m = re.search(r'stage_main\(\s*"(\w+)"', text)
-        assert m, f"{path}: no stage_main(...) call found; add the entry point to this test"
-        sec = re.search(r'section="(\w+)"', text)
-        out[path.stem] = sec.group(1) if sec else m.group(1)
-    return out
-
-
-STAGE_SECTIONS = _stage_sections()
+# stage name -> the params section it owns (the first of the sections it reads)
+STAGE_SECTIONS = {name: spec.section for name, spec in STAGES.items()}
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 SECTIONS = sorted(k for k, v in PARAMS.items() if isinstance(v, dict))
 
@@ -52,7 +35,8 @@ def _constrained_field(section: str) -> tuple[str, type, float, str]:
     model = Root.model_fields[section].annotation
     for name, field in model.model_fields.items():
         ann = field.annotation
-        if ann not in (int, float) and not (typing.get_origin(ann) is typing.Union and int in typing.get_args(ann)):
+        if ann not in (int, float) and not (typing.get_origin(ann) in (typing.Union, types.UnionType)
+                                            and int in typing.get_args(ann)):
             continue
         for meta in field.metadata:
             if isinstance(meta, annotated_types.Ge):
@@ -97,28 +81,20 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(runtime, "run_training", boom)
     monkeypatch.setattr(ray, "init", boom)
-    monkeypatch.syspath_prepend(str(STAGES_DIR))  # stages import their _bootstrap helper
     monkeypatch.setenv("SBIR_NO_MLFLOW", "1")
 
 
-def _run_entry_point(stage: str, argv: list[str], capsys) -> tuple[int, str, float]:
-    path = STAGES_DIR / f"{stage}.py"
-    old_argv = sys.argv
-    sys.argv = [str(path), *argv]
+def _run_entry_point(command: str, argv: list[str], capsys) -> tuple[int, str, float]:
+    """``sbir run <stage> ARGV`` (or ``sbir ingest ARGV``) in-process: (exit code, stderr, seconds)."""
     t0 = time.time()
     try:
-        runpy.run_path(str(path), run_name="__main__")
-        code = 0
-    except SystemExit as exc:
+        code = sbir_main((["ingest"] if command == "ingest" else ["run", command]) + argv)
+    except SystemExit as exc:  # argparse errors
         code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old_argv
     return code, capsys.readouterr().err, time.time() - t0
 
 
-def test_every_stage_entry_point_is_covered():
-    on_disk = {p.stem for p in STAGES_DIR.glob("*.py") if not p.stem.startswith("_")}
-    assert on_disk == set(STAGE_SECTIONS) | NON_PARAMS_ENTRY_POINTS
+def test_every_stage_section_is_a_params_section():
     assert set(STAGE_SECTIONS.values()) <= set(SECTIONS)
 
 
@@ -179,8 +155,9 @@ def test_cli_subprocess_fails_fast_on_bad_ray_section(tmp_path):
     """The whole CLI in a fresh interpreter (imports included) stops in seconds, before Ray."""
     params = _write_params(tmp_path)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, str(STAGES_DIR / "reconstruct.py"), "--params", str(params),
-                           "--no-mlflow", "--set", "ray.num_workers=-1"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "sbir", "run", "reconstruct", "--params", str(params),
+                           "--no-mlflow", "--set", "ray.num_workers=-1"], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
     seconds = time.time() - t0
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

@@ -20,7 +20,8 @@ TINY = {
     "prepare": {"num_classes": 4, "train_instances_per_class": 24, "test_instances_per_class": 8},
     "teacher_pretrain": {"epochs": 2, "batch_size": 32},
     "reconstruct": {"steps": 4, "batch_size": 16, "log_every": 2, "bank_size": 64},
-    "distill": {"rounds": 4, "student_steps": 2, "batch_size": 16, "log_every": 2, "upper_bound_rounds": 2},
+    "distill": {"rounds": 4, "student_steps": 2, "batch_size": 16, "log_every": 2},
+    "upper_bound": {"rounds": 2},
     "evaluate": {"map_ks": [20], "precision_ks": [10, 20]},
     "sketch_generator": {"steps": 4, "batch_size": 8, "log_every": 2, "eval_pairs": 8, "num_preview": 4},
     "fgsbir_joint": {"supervised_steps": 4, "joint_steps": 4, "batch_size": 8, "pseudo_batch_size": 8, "log_every": 2,
@@ -36,7 +37,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def make_tiny_repo(dst: Path, overrides: dict | None = None) -> Path:
     dst.mkdir(parents=True)
-    for item in ("dvc.yaml", "stages", "src", ".dvc", ".dvcignore", ".gitignore"):
+    for item in ("dvc.yaml", "src", ".dvc", ".dvcignore", ".gitignore"):
         src = REPO / item
         (shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
          if src.is_dir() else shutil.copy(src, dst / item))
@@ -92,11 +93,11 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     # the data-free guarantee: with the dataset gone, reconstruct and distill still run
     shutil.move(root / "data", tmp_path / "data_away")
     for stage in ("reconstruct", "distill"):
-        proc = subprocess.run([sys.executable, f"stages/{stage}.py", "--restart", "--no-mlflow"], cwd=root, env=env,
+        proc = subprocess.run([sys.executable, "-m", "sbir", "run", stage, "--restart", "--no-mlflow"], cwd=root, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     # ... and a stage that does read data says clearly what is missing
-    proc = subprocess.run([sys.executable, "stages/teacher_pretrain.py", "--no-mlflow"], cwd=root, env=env,
+    proc = subprocess.run([sys.executable, "-m", "sbir", "run", "teacher_pretrain", "--no-mlflow"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 

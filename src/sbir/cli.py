@@ -1,11 +1,14 @@
-"""The ``sbir`` command. Subcommands live in ``SUBCOMMANDS`` (one ``add_<name>(subparsers)`` each), so
-new ones slot in beside ``search``."""
+"""The ``sbir`` command (also ``python -m sbir``). Subcommands live in ``SUBCOMMANDS`` (one
+``add_<name>(subparsers)`` each): ``run`` (one pipeline stage, what dvc.yaml calls), ``stages`` (the
+registry), ``search``, ``ingest``."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from typing import Callable, Sequence
+
+from sbir.data.ingest.cli import add_ingest
 
 SEARCH_HELP = """\
 Search a gallery of photos with hand-drawn sketches, using the pipeline's trained encoders, and print
@@ -110,7 +113,51 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {"search": add_search}
+RUN_HELP = """\
+Run one pipeline stage (this is what dvc.yaml calls; `dvc repro` runs them in order).
+Each stage reads params.yaml, logs an MLflow run, trains on Ray where it trains, and writes
+outputs/<stage>/ atomically. `sbir run <stage> --help` says what a stage does and which params it reads.
+"""
+
+
+def add_run(sub: argparse._SubParsersAction) -> None:
+    from sbir.registry import STAGES
+    from sbir.stage import stage_parser
+
+    p = sub.add_parser("run", help="run one pipeline stage (what dvc.yaml calls)", description=RUN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = p.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for spec in STAGES.values():
+        sp = stages.add_parser(spec.name, help=spec.summary.split(". ")[0].rstrip(".") + ".")
+        stage_parser(spec, sp)
+        sp.set_defaults(func=run_stage_command)
+
+
+def run_stage_command(args: argparse.Namespace) -> int:
+    from sbir.stage import stage_main
+
+    return stage_main(args.stage, args)
+
+
+def add_stages(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stages", help="list the pipeline's stages (the registry)")
+    p.add_argument("--markdown", action="store_true", help="print the table of stages/README.md")
+    p.set_defaults(func=list_stages)
+
+
+def list_stages(args: argparse.Namespace) -> int:
+    from sbir.registry import STAGES, stages_markdown
+
+    if args.markdown:
+        print(stages_markdown(), end="")
+        return 0
+    for spec in STAGES.values():
+        print(f"{spec.name:<18} params: {', '.join(spec.params) or '-':<60} {'(Ray Train)' if spec.trains else ''}")
+    return 0
+
+
+SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "run": add_run, "stages": add_stages, "search": add_search, "ingest": add_ingest}
 
 
 def build_parser() -> argparse.ArgumentParser:

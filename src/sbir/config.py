@@ -1,7 +1,10 @@
 """Typed, validated params: one pydantic model per ``params.yaml`` section.
 
-Every stage calls :func:`load_stage_params` first, so an unknown key, a wrong type or an out-of-range
-value stops the stage with a message naming the file, the key and the problem, before any work.
+:func:`sbir.stage.run_stage` calls :func:`load_params` first, so an unknown key, a wrong type or an
+out-of-range value stops the stage with a message naming the file, the key and the problem, before
+any work; the stage bodies and training loops then receive these models, never dicts. The defaults
+here equal ``params.yaml`` (``tests/test_config.py`` checks it), and each param lives in the section
+of the stage where it acts.
 """
 from __future__ import annotations
 
@@ -9,10 +12,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sbir.fgsbir.params import FGEvaluateParams, FGJointParams, GeneratorParams, PseudoPairsParams
 
@@ -68,23 +71,21 @@ class EstimatorLossWeights(Params):
     semantic_ce: float = Field(3.0, ge=0)
     class_balance: float = Field(5.0, ge=0)
     activation: float = Field(0.1, ge=0)
-    bn_prior: float = Field(0.0, ge=0)
+    bn_prior: float = Field(0.5, ge=0)
     modality: float = Field(1.0, ge=0)
     class_alignment: float = Field(1.0, ge=0)
-    adversarial: float = Field(1.0, ge=0)
-    diversity: float = Field(1.0, ge=0, description="mode-seeking term (ours): samples of one class differ")
+    diversity: float = Field(0.3, ge=0, description="mode-seeking term (ours): samples of one class differ")
 
 
 class ReconstructParams(Params):
     latent_dim: int = Field(64, ge=2)
-    estimator_width: int = Field(32, ge=4)
+    estimator_width: int = Field(16, ge=4)
     batch_size: int = Field(64, ge=2)
-    steps: int = Field(300, ge=1)
+    steps: int = Field(250, ge=1)
     lr: float = Field(1e-3, gt=0)
     weights: EstimatorLossWeights = EstimatorLossWeights()
-    adversarial_bound: float = Field(2.0, gt=0, description="the hardness term is clamped at this KL")
     alignment_detach: Literal["none", "photo", "sketch"] = "none"
-    bank_size: int = Field(4096, ge=1, description="reconstructed pairs written to the sample bank")
+    bank_size: int = Field(2048, ge=1, description="reconstructed pairs written to the sample bank")
     log_every: int = Field(50, ge=1)
 
 
@@ -93,22 +94,22 @@ class StudentParams(Params):
     embed_dim: int = Field(64, ge=2)
     head: Literal["linear", "mlp"] = Field("mlp", description="projection head on the backbone features")
     init_from_teacher: bool = Field(True, description="start each student's backbone from its teacher's")
-    backbone_lr_scale: float = Field(1.0, ge=0, description="backbone lr = distill.lr * scale (0 freezes it)")
+    backbone_lr_scale: float = Field(0.0, ge=0, description="backbone lr = distill.lr * scale (0 freezes it)")
     freeze_bn_stats: bool = Field(True, description="keep BatchNorm statistics fixed while training on samples "
                                                     "(they come from the teacher's real data)")
 
 
 class DistillLossWeights(Params):
-    proxy: float = Field(1.0, ge=0)
+    proxy: float = Field(3.0, ge=0)
     teacher_kd: float = Field(1.0, ge=0)
     cross_modal: float = Field(1.0, ge=0)
 
 
 class DistillParams(Params):
     student: StudentParams = StudentParams()
-    rounds: int = Field(150, ge=1, description="adversarial alternation rounds")
+    rounds: int = Field(100, ge=1, description="adversarial alternation rounds")
     estimator_steps: int = Field(1, ge=0, description="k: estimator steps per round")
-    student_steps: int = Field(5, ge=1, description="m: student steps per round")
+    student_steps: int = Field(4, ge=1, description="m: student steps per round")
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     estimator_lr: float = Field(1e-4, gt=0)
@@ -122,9 +123,17 @@ class DistillParams(Params):
     bank_capacity: int = Field(16384, ge=1)
     replay_fraction: float = Field(0.5, ge=0, le=1, description="share of each student batch drawn from the bank")
     log_every: int = Field(25, ge=1)
-    # the data-dependent upper bound reuses this loop with real pairs and the same losses
-    upper_bound_rounds: int | None = Field(None, ge=1, description="rounds on real pairs; null = same as rounds "
-                                                                   "(the same number of student updates)")
+    # the hardness term of the estimator objective acts only here, against the current students
+    adversarial_weight: float = Field(1.0, ge=0, description="weight of the adversarial hardness term of the "
+                                                             "estimator steps")
+    adversarial_bound: float = Field(2.0, gt=0, description="the hardness term is clamped at this KL")
+
+
+class UpperBoundParams(Params):
+    """The data-dependent upper bound reuses distill's students, losses and loop on real pairs."""
+
+    rounds: int | None = Field(None, ge=1, description="rounds on real pairs; null = distill.rounds "
+                                                       "(the same number of student updates)")
 
 
 class EvaluateParams(Params):
@@ -135,7 +144,7 @@ class EvaluateParams(Params):
 
 
 class Root(Params):
-    """The whole params.yaml. Sections of later stages are optional so partial files still validate."""
+    """The whole params.yaml."""
 
     seed: int = 0
     pipeline: str = Field("embedded-default", description="MLflow experiment name")
@@ -146,32 +155,13 @@ class Root(Params):
     teacher_pretrain: TeacherParams = TeacherParams()
     reconstruct: ReconstructParams = ReconstructParams()
     distill: DistillParams = DistillParams()
+    upper_bound: UpperBoundParams = UpperBoundParams()
     evaluate: EvaluateParams = EvaluateParams()
     # the semi-supervised fine-grained part (models in sbir.fgsbir.params)
     sketch_generator: GeneratorParams = GeneratorParams()
     pseudo_pairs: PseudoPairsParams = PseudoPairsParams()
     fgsbir_joint: FGJointParams = FGJointParams()
     fg_evaluate: FGEvaluateParams = FGEvaluateParams()
-    # sections added by later stages are validated by their own models (see STAGE_SECTIONS)
-    extra_sections: dict[str, Any] = Field(default_factory=dict, exclude=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _split_known(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            known = set(cls.model_fields) - {"extra_sections"}
-            extra = {k: v for k, v in data.items() if k not in known}
-            unknown = [k for k in extra if k not in EXTRA_SECTIONS]
-            if unknown:
-                raise ValueError(f"unknown top-level key(s) {unknown}; known: {sorted(known | set(EXTRA_SECTIONS))}")
-            data = {k: v for k, v in data.items() if k in known} | {"extra_sections": extra}
-        return data
-
-
-# Sections owned by stages that register their own models (e.g. the fine-grained part).
-EXTRA_SECTIONS: dict[str, type[Params]] = {}
-
-T = TypeVar("T", bound=Params)
 
 
 class ParamsError(ValueError):
@@ -211,17 +201,15 @@ def load_params(path: str | os.PathLike = "params.yaml", overrides: dict[str, An
         raise ParamsError(_format_validation_error(path, exc)) from None
     except ValueError as exc:
         raise ParamsError(f"{path}: {exc}") from None
-    for name, raw in root.extra_sections.items():
-        try:
-            EXTRA_SECTIONS[name].model_validate(raw)
-        except ValidationError as exc:
-            raise ParamsError(_format_validation_error(path, exc, prefix=name)) from None
     return root
 
 
-def section(root: Root, name: str, model: type[T]) -> T:
-    """A section validated by ``model`` (for sections registered in EXTRA_SECTIONS)."""
-    return model.model_validate(root.extra_sections.get(name, {}))
+def section_value(root: Root, dotted: str) -> Any:
+    """A section or a sub-key of one by its dotted name (``distill.student``), as the registry names them."""
+    node: Any = root
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

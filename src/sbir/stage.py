@@ -1,14 +1,13 @@
-"""What every DVC stage entry point shares: argument parsing, params validation, the MLflow run,
-Ray training via :mod:`sbir.train.runtime`, and atomic output folders.
+"""Running one registered stage: params, the MLflow run, Ray training and atomic outputs in one place.
 
-A stage file in ``stages/`` is a few lines::
+``python -m sbir run <stage>`` (what ``dvc.yaml`` calls) and tests both come through
+:func:`run_stage`; the stage body registered in :mod:`sbir.registry` gets a :class:`StageContext` and
+returns its headline metrics::
 
-    from sbir.stage import stage_main
-    from sbir.dfsbir.teacher import run_teacher_pretrain
-    if __name__ == "__main__":
-        stage_main("teacher_pretrain", run_teacher_pretrain, __doc__)
-
-``run_fn(ctx) -> dict`` does the work and returns the stage's headline metrics.
+    def run_teacher_pretrain(ctx: StageContext) -> dict:
+        outcome = ctx.train(teacher_loop, {"params": ctx.params.teacher_pretrain, ...})
+        ...
+        return ctx.write_training_outputs(history, metrics, curves=[...])
 """
 from __future__ import annotations
 
@@ -17,26 +16,28 @@ import json
 import os
 import shutil
 import sys
+import textwrap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
-from sbir.config import ParamsError, Root, flatten, load_params, params_hash
+from sbir.config import ParamsError, Root, flatten, load_params, params_hash, section_value
+from sbir.registry import StageSpec, get_stage
 from sbir.tracking import REPO_ROOT, RunHandle, stage_run
+
+Resume = Literal["auto", "always", "never"]
 
 
 @dataclass
 class StageContext:
     stage: str
     params: Root
-    params_path: Path
     out_dir: Path  # the stage's final output folder (written atomically via ``tmp_out``)
     tmp_out: Path  # write here; renamed to out_dir when the stage succeeds
     run: RunHandle | None
-    resume: Literal["auto", "always", "never"]
-    args: argparse.Namespace
-    timings: dict[str, float] = field(default_factory=dict)
+    resume: Resume
+    digest: str  # the one params digest of this stage: its sections, seed and dataset (resume + MLflow tag)
 
     def path(self, p: str | os.PathLike) -> Path:
         """A params path made absolute against the repository root (Ray workers change cwd)."""
@@ -47,20 +48,45 @@ class StageContext:
         """Output folder of another stage."""
         return self.path(self.params.outputs_dir) / stage
 
-    def params_digest(self, section: Any) -> str:
-        return params_hash({"section": section.model_dump(mode="json") if hasattr(section, "model_dump") else section,
-                            "seed": self.params.seed, "dataset": self.params.dataset_dir})
+    def input(self, stage: str, name: str) -> Path:
+        """A file another stage wrote, with a clear error when that stage has not run."""
+        path = self.stage_dir(stage) / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run the {stage} stage first")
+        return path
 
-    def log_artifacts(self) -> None:
-        if self.run is not None:
-            self.run.log_artifact(self.tmp_out)
+    def train(self, loop: Callable[[dict], None], config: Mapping[str, Any]):
+        """Run ``loop`` as this stage's Ray Train job (see :func:`sbir.train.runtime.run_training`)."""
+        from sbir.train import runtime as rt
+
+        return rt.run_training(self.stage, loop, config, self.params.ray, self.digest, resume=self.resume,
+                               mlflow_run=self.run)
+
+    def write_json(self, name: str, data: Any) -> Path:
+        path = self.tmp_out / name
+        path.write_text(json.dumps(data, indent=2))
+        return path
+
+    def write_training_outputs(self, history: list[dict[str, Any]], metrics: dict[str, Any],
+                               curves: Sequence[str] | None = None, title: str | None = None,
+                               xlabel: str = "log interval") -> dict[str, Any]:
+        """The tail every training stage shares: history.json (the data of ``dvc plots``), curves.png of
+        the ``curves`` keys (default: every numeric key but the position and timing ones) and metrics.json."""
+        from sbir.plots import plot_loss_curves
+
+        self.write_json("history.json", history)
+        keys = list(curves) if curves is not None else [k for k in history[-1] if k not in _NOT_CURVES]
+        plot_loss_curves({k: [h.get(k, float("nan")) for h in history] for k in keys}, self.tmp_out / "curves.png",
+                         title=title or self.stage, xlabel=xlabel)
+        self.write_json("metrics.json", metrics)
+        return metrics
 
 
-def build_parser(stage: str, doc: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=f"stages/{stage}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Params come from params.yaml (section '%s' and the shared 'ray', 'seed', 'dataset_dir'); "
-               "override any of them with --set key=value (dotted keys, YAML values)." % stage)
+_NOT_CURVES = {"epoch", "step", "round", "epoch_seconds", "seconds_per_round", "seconds_per_step", "lr"}
+
+
+# ----------------------------------------------------------------------------- command line
+def add_stage_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default=str(REPO_ROOT / "params.yaml"), help="params file (default: params.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. --set ray.num_workers=0 (repeatable)")
@@ -70,6 +96,18 @@ def build_parser(stage: str, doc: str | None) -> argparse.ArgumentParser:
                              "continued and anything else starts clean.")
     parser.add_argument("--restart", action="store_true", help="ignore any earlier checkpoint and start clean")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+
+def stage_parser(spec: StageSpec, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The options of ``sbir run <stage>`` (on ``parser`` when given, e.g. a subparser)."""
+    parser = parser or argparse.ArgumentParser(prog=f"sbir run {spec.name}")
+    parser.description = textwrap.fill(spec.summary, 100)
+    parser.epilog = (f"Params come from params.yaml (section '{spec.section}'"
+                     + (f", also {', '.join(repr(s) for s in spec.sections[1:])}" if len(spec.sections) > 1 else "")
+                     + (f" and the shared {', '.join(repr(s) for s in spec.shared)}" if spec.shared else "")
+                     + "); override any of them with --set key=value (dotted keys, YAML values).")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_stage_options(parser)
     return parser
 
 
@@ -85,98 +123,96 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def run_stage(stage: str, run_fn: Callable[[StageContext], Mapping[str, Any]], argv: list[str] | None = None,
-              doc: str | None = None, section: str | None = None, extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
-              out_name: str | None = None) -> dict[str, Any]:
-    """Parse args, validate params, open the MLflow run, call ``run_fn`` and publish its outputs atomically."""
-    parser = build_parser(stage, doc)
-    if extra_args:
-        extra_args(parser)
-    args = parser.parse_args(argv)
-    params_path = Path(args.params).resolve()
-    root = load_params(params_path, parse_overrides(args.overrides))
-    from sbir.train.runtime import set_pipeline
+# ----------------------------------------------------------------------------- running a stage
+def run_stage(stage: str, argv: list[str] | None = None, args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """Validate params, open the MLflow run, call the registered stage body and publish its outputs
+    atomically (``<stage>.tmp`` renamed on success). Returns the stage's metrics."""
+    spec = get_stage(stage)
+    args = args or stage_parser(spec).parse_args(argv)
+    root = load_params(Path(args.params).resolve(), parse_overrides(args.overrides))
+    from sbir.resources import ResourceMonitor
+    from sbir.train.runtime import TRAINING_LOG, set_pipeline
 
     set_pipeline(root.pipeline)
-    out_dir = (REPO_ROOT / root.outputs_dir / (out_name or stage)) if not Path(root.outputs_dir).is_absolute() \
-        else Path(root.outputs_dir) / (out_name or stage)
-    tmp_out = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp_out.exists():
-        shutil.rmtree(tmp_out)
-    tmp_out.mkdir(parents=True)
-    resume: Literal["auto", "always", "never"] = "always" if args.resume else ("never" if args.restart else "auto")
-    sec = getattr(root, section or stage, None) if hasattr(root, section or stage) else root.extra_sections.get(section or stage)
-    digest = params_hash({"section": sec.model_dump(mode="json") if hasattr(sec, "model_dump") else sec,
-                          "seed": root.seed, "ray": root.ray.model_dump(mode="json")})
-    ctx_kwargs = dict(stage=stage, params=root, params_path=params_path, out_dir=out_dir, tmp_out=tmp_out,
-                      resume=resume, args=args)
-    from sbir.resources import ResourceMonitor
-    from sbir.train.runtime import TRAINING_LOG
-
+    ctx = _context(spec, root, args)
     n_trainings = len(TRAINING_LOG)
     # wall time and peak RSS of this process and its children (Ray's raylet and workers): resources.json;
     # the monitor stops when the block ends, also when the stage fails (no sampling thread left behind)
     with ResourceMonitor() as monitor:
-        metrics = _run(stage, run_fn, root, sec, section or stage, digest, args, ctx_kwargs)
+        metrics = _call_stage(spec, ctx, tracked=not (args.no_mlflow or os.environ.get("SBIR_NO_MLFLOW") == "1"))
     trainings = TRAINING_LOG[n_trainings:]
-    if trainings:
-        # "resumed from epoch N": which checkpoint each Ray Train fit of this stage continued from
+    if trainings:  # "resumed from epoch N": which checkpoint each Ray Train fit of this stage continued from
         metrics.setdefault("resumed_from", trainings[0]["resumed_from"] if len(trainings) == 1
                            else [t["resumed_from"] for t in trainings])
-    (tmp_out / "stage_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    res = monitor.report.to_dict()
-    res.update(stage=stage, trainings=trainings)
-    (tmp_out / "resources.json").write_text(json.dumps(res, indent=2, default=str))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp_out, out_dir)
-    print(f"[{stage}] done in {metrics['stage_seconds']} s -> {out_dir}")
+    ctx.write_json("stage_metrics.json", json.loads(json.dumps(metrics, default=str)))
+    ctx.write_json("resources.json", json.loads(json.dumps({**monitor.report.to_dict(), "stage": stage,
+                                                            "trainings": trainings}, default=str)))
+    if ctx.out_dir.exists():
+        shutil.rmtree(ctx.out_dir)
+    os.replace(ctx.tmp_out, ctx.out_dir)
+    print(f"[{stage}] done in {metrics['stage_seconds']} s -> {ctx.out_dir}")
     print(json.dumps(metrics, indent=2, default=str))
     return metrics
 
 
-def _run(stage: str, run_fn: Callable[[StageContext], Mapping[str, Any]], root: Root, sec: Any, section: str,
-         digest: str, args: argparse.Namespace, ctx_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Call the stage function, inside an MLflow run unless tracking is off; returns its metrics."""
+def stage_digest(spec: StageSpec, root: Root) -> str:
+    return params_hash({"stage": spec.name, "seed": root.seed, "dataset": root.dataset_dir,
+                        "sections": {s: section_value(root, s) for s in spec.sections}})
+
+
+def _context(spec: StageSpec, root: Root, args: argparse.Namespace) -> StageContext:
+    outputs = Path(root.outputs_dir)
+    out_dir = (outputs if outputs.is_absolute() else REPO_ROOT / outputs) / spec.name
+    tmp_out = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp_out.exists():
+        shutil.rmtree(tmp_out)
+    tmp_out.mkdir(parents=True)
+    resume: Resume = "always" if args.resume else ("never" if args.restart else "auto")
+    return StageContext(stage=spec.name, params=root, out_dir=out_dir, tmp_out=tmp_out, run=None, resume=resume,
+                        digest=stage_digest(spec, root))
+
+
+def _call_stage(spec: StageSpec, ctx: StageContext, tracked: bool) -> dict[str, Any]:
+    """Call the stage body, inside an MLflow run unless tracking is off; returns its metrics."""
     start = time.time()
-    if args.no_mlflow or os.environ.get("SBIR_NO_MLFLOW") == "1":
-        metrics = dict(run_fn(StageContext(run=None, **ctx_kwargs)))
+    if not tracked:
+        metrics = dict(spec.function()(ctx))
     else:
+        root = ctx.params
         flat = {"seed": root.seed, "dataset_dir": root.dataset_dir, **flatten(root.ray, "ray.")}
-        if sec is not None:
-            flat.update(flatten(sec, f"{section}."))
-        with stage_run(root.pipeline, stage, flat, digest, _dataset_checksum(root)) as run:
-            ctx = StageContext(run=run, **ctx_kwargs)
-            metrics = dict(run_fn(ctx))
+        for s in spec.sections:
+            flat.update(flatten(section_value(root, s), f"{s}."))
+        with stage_run(root.pipeline, spec.name, flat, ctx.digest, _dataset_checksum(ctx)) as run:
+            ctx.run = run
+            metrics = dict(spec.function()(ctx))
             metrics.setdefault("stage_seconds", round(time.time() - start, 1))
             run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            ctx.log_artifacts()
+            run.log_artifact(ctx.tmp_out)
     metrics.setdefault("stage_seconds", round(time.time() - start, 1))
     return metrics
 
 
-def _dataset_checksum(root: Root) -> str | None:
-    manifest = REPO_ROOT / root.dataset_dir / "manifest.json" if not Path(root.dataset_dir).is_absolute() \
-        else Path(root.dataset_dir) / "manifest.json"
+def _dataset_checksum(ctx: StageContext) -> str | None:
     try:
-        return json.loads(manifest.read_text()).get("checksum")
+        return json.loads((ctx.path(ctx.params.dataset_dir) / "manifest.json").read_text()).get("checksum")
     except (OSError, ValueError):
         return None
 
 
-def stage_main(stage: str, run_fn: Callable[[StageContext], Mapping[str, Any]], doc: str | None = None, **kw: Any) -> None:
-    """CLI wrapper: clear one-line errors for bad params or inputs instead of deep tracebacks."""
+def stage_main(stage: str, args: argparse.Namespace) -> int:
+    """``sbir run <stage>``: one clear line for bad params or inputs instead of a deep traceback."""
     from sbir.data.format import DatasetFormatError
     from sbir.train.runtime import NonFiniteLossError
 
     try:
-        run_stage(stage, run_fn, doc=doc, **kw)
+        run_stage(stage, args=args)
     except (ParamsError, DatasetFormatError, FileNotFoundError) as exc:
         print(f"[{stage}] error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except NonFiniteLossError as exc:  # deterministic: Ray's retries hit it again; say what and where
         print(f"[{stage}] error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(3)
+        return 3
+    return 0
 
 
 def one_line(exc: BaseException) -> str:

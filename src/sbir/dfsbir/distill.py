@@ -15,38 +15,22 @@ real training images instead (``source='real'``).
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Literal
 
 import torch
 
-from sbir.config import DistillParams, ReconstructParams, StudentParams
+from sbir.config import DistillParams, ReconstructParams
 from sbir.data.datasets import load_image_set
 from sbir.data.format import open_dataset
 from sbir.dfsbir import losses as L
 from sbir.dfsbir.reconstruct import EstimatorObjective, build_estimators, read_bank
-from sbir.dfsbir.teacher import TeacherSet, load_teachers
 from sbir.models.backbones import EncoderPair, resize, to_float
+from sbir.models.checkpoints import TeacherSet, build_students, load_teachers, read_checkpoint
 from sbir.train import runtime as rt
 
 PROXY_SCALE = 16.0  # cosine -> logits scale for the proxy classifier (used by KD and the hardness term)
-
-
-def build_students(p: StudentParams, teachers: TeacherSet | None, teacher_params: dict | None) -> EncoderPair:
-    students = EncoderPair(p.backbone, p.embed_dim, p.head)
-    if p.init_from_teacher and teachers is not None:
-        if teacher_params is not None and teacher_params["backbone"] != p.backbone.model_dump(mode="json"):
-            raise ValueError("distill.student.init_from_teacher needs the student backbone to equal "
-                             f"teacher_pretrain.backbone ({teacher_params['backbone']} vs {p.backbone.model_dump()})")
-        for enc, teacher in ((students.photo_encoder, teachers.photo_teacher),
-                             (students.sketch_encoder, teachers.sketch_teacher)):
-            enc.backbone.load_state_dict(teacher.backbone.state_dict())
-            enc.normalise.load_state_dict(teacher.normalise.state_dict())
-    elif teachers is not None:  # fresh backbone, but still the normalisation its inputs will need
-        students.photo_encoder.normalise.load_state_dict(teachers.photo_teacher.normalise.state_dict())
-        students.sketch_encoder.normalise.load_state_dict(teachers.sketch_teacher.normalise.state_dict())
-    return students
+Source = Literal["reconstructed", "real"]
 
 
 class SampleBank:
@@ -91,20 +75,100 @@ def student_losses(students: EncoderPair, proxy_loss: torch.nn.Module, teachers:
     }
 
 
-def _float_batch(batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    return to_float(batch["photo"]).to(device), to_float(batch["sketch"]).to(device)
+def add_to(sums: dict[str, float], prefix: str, terms: dict[str, torch.Tensor], scale: float) -> None:
+    for k, v in terms.items():
+        sums[f"{prefix}{k}"] = sums.get(f"{prefix}{k}", 0.0) + float(v.detach()) / scale
 
 
-def distill_loop(config: dict) -> None:
-    device = rt.setup_worker(config)
-    p = DistillParams.model_validate(config["params"])
-    source: Literal["reconstructed", "real"] = config["source"]
-    seed = int(config["seed"])
-    torch.manual_seed(seed)
-    teachers, blob = load_teachers(config["teachers_path"], device)
+# ----------------------------------------------------------------------------- where student batches come from
+class ReconstructedPairs:
+    """The data-free source: the estimators (continued from reconstruct, now with the hardness term
+    against the current students) make fresh pairs; half of each batch is replayed from the bank."""
+
+    def __init__(self, config: dict, p: DistillParams, teachers: TeacherSet, num_classes: int,
+                 device: torch.device) -> None:
+        est_blob = read_checkpoint(config["estimators_path"])
+        rp: ReconstructParams = config["reconstruct_params"]
+        self.estimators = build_estimators(rp, num_classes, est_blob["image_size"]).to(device)
+        self.estimators.load_state_dict(est_blob["estimators"])
+        self.optimizer = torch.optim.Adam(self.estimators.parameters(), lr=p.estimator_lr, betas=(0.5, 0.999))
+        self.objective = EstimatorObjective(teachers, rp, p.adversarial_weight, p.adversarial_bound)
+        self.bank = SampleBank(read_bank(config["bank_path"]), p.bank_capacity)
+        self.p, self.teachers, self.device = p, teachers, device
+        self.rounds = p.rounds
+
+    def checkpoint_targets(self) -> dict[str, Any]:
+        return {"estimators": self.estimators, "estimator_optimizer": self.optimizer}
+
+    def estimator_steps(self, students: EncoderPair, proxies: torch.Tensor, gen: torch.Generator, rnd: int,
+                        sums: dict[str, float]) -> None:
+        """k estimator steps: make samples the current students get wrong (bounded)."""
+        p = self.p
+        students.eval().requires_grad_(False)
+        self.estimators.train()
+        for _ in range(p.estimator_steps):
+            z, y = self.estimators.sample_inputs(p.batch_size, gen, self.device)
+            x_p, x_s = self.estimators(z, y)
+            total, terms, _ = self.objective(x_p, x_s, y, z, students, proxies, PROXY_SCALE)
+            rt.check_finite({**terms, "total": total}, rnd, "distill/estimators")
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            rt.sync_gradients(self.estimators)
+            self.optimizer.step()
+            add_to(sums, "est_", terms, max(1, p.estimator_steps))
+        for n, q in students.named_parameters():
+            q.requires_grad_(p.student.backbone_lr_scale > 0 or ".backbone." not in n)
+
+    @torch.no_grad()
+    def student_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        """Fresh pairs (added to the bank) and replayed ones; labels are the teachers' predictions."""
+        n_replay = int(round(self.p.batch_size * self.p.replay_fraction))
+        self.estimators.eval()
+        z, y = self.estimators.sample_inputs(self.p.batch_size - n_replay, gen, self.device)
+        fresh_p, fresh_s = self.estimators(z, y)
+        fresh = {"photo": (fresh_p * 255).round().to(torch.uint8).cpu(),
+                 "sketch": (fresh_s[:, :1] * 255).round().to(torch.uint8).cpu()}
+        fresh["photo_teacher_label"] = self.teachers.photo_teacher(fresh_p).argmax(1).cpu()
+        fresh["sketch_teacher_label"] = self.teachers.sketch_teacher(fresh_s).argmax(1).cpu()
+        replay = self.bank.sample(n_replay, gen)
+        self.bank.add(fresh)
+        batch = {k: torch.cat([fresh[k], replay[k]]) for k in replay}
+        return to_float(batch["photo"]).to(self.device), to_float(batch["sketch"]).to(self.device), None, None
+
+
+class RealPairs:
+    """The upper bound's source: real training sketches, each with a photo of its class (class-aligned
+    pairs: category-level distillation needs nothing finer), at the size the teachers saw."""
+
+    def __init__(self, config: dict, p: DistillParams, image_size: int, num_classes: int,
+                 device: torch.device) -> None:
+        ds = open_dataset(config["dataset_dir"])
+        self.photos = load_image_set(ds, "photos", ["train"])
+        self.sketches = load_image_set(ds, "sketches", ["train"])
+        self.by_class_photo = [torch.nonzero(self.photos.labels == c).flatten() for c in range(num_classes)]
+        self.p, self.size, self.device = p, image_size, device
+        self.rounds = config["upper_bound_rounds"] or p.rounds
+
+    def checkpoint_targets(self) -> dict[str, Any]:
+        return {}
+
+    def student_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        sb = torch.randint(0, len(self.sketches), (self.p.batch_size,), generator=gen)
+        labels_s = self.sketches.labels[sb]
+        pb = torch.stack([self.by_class_photo[c][torch.randint(0, len(self.by_class_photo[c]), (1,), generator=gen)][0]
+                          for c in labels_s.tolist()])
+        labels_p = self.photos.labels[pb]
+        x_p = resize(to_float(self.photos.images[pb]), self.size).to(self.device)
+        x_s = resize(to_float(self.sketches.images[sb]), self.size).to(self.device)
+        return x_p, x_s, labels_p.to(self.device), labels_s.to(self.device)
+
+
+# ----------------------------------------------------------------------------- the loop
+def build_student_side(p: DistillParams, teachers: TeacherSet, blob: dict[str, Any], seed: int,
+                       device: torch.device) -> tuple[EncoderPair, torch.nn.Module, torch.optim.Optimizer]:
+    """Students, the shared proxies (Proxy-Anchor) and one optimiser over what trains."""
     num_classes = blob["num_classes"]
     students = build_students(p.student, teachers, blob["params"]).to(device)
-    gen = torch.Generator().manual_seed(seed * 31 + rt.world()[0])
     init_w = {"photo_teacher": teachers.photo_teacher.head.weight, "sketch_teacher": teachers.sketch_teacher.head.weight,
               "random": None}[p.proxy_init]
     proxy_loss = L.make_proxy_anchor(num_classes, p.student.embed_dim,
@@ -123,164 +187,83 @@ def distill_loop(config: dict) -> None:
         groups.append({"params": proxy_loss.parameters(), "lr": p.lr * p.proxy_lr_scale})
     else:
         proxy_loss.requires_grad_(False)
-    opt = torch.optim.AdamW(groups, weight_decay=1e-4)
+    return students, proxy_loss, torch.optim.AdamW(groups, weight_decay=1e-4)
 
-    estimators = est_opt = objective = bank = None
-    photos = sketches = None
-    if source == "reconstructed":
-        est_blob = torch.load(config["estimators_path"], map_location="cpu", weights_only=False)
-        rp = ReconstructParams.model_validate(config["reconstruct_params"])
-        estimators = build_estimators(rp, num_classes, est_blob["image_size"]).to(device)
-        estimators.load_state_dict(est_blob["estimators"])
-        est_opt = torch.optim.Adam(estimators.parameters(), lr=p.estimator_lr, betas=(0.5, 0.999))
-        objective = EstimatorObjective(teachers, rp)
-        bank = SampleBank(read_bank(config["bank_path"]), p.bank_capacity)
-        rounds = p.rounds
-    else:
-        ds = open_dataset(config["dataset_dir"])
-        photos = load_image_set(ds, "photos", ["train"])
-        sketches = load_image_set(ds, "sketches", ["train"])
-        rounds = p.upper_bound_rounds or p.rounds
 
-    start, history = 0, []
-    state = rt.restore()
-    if state is not None:
-        students.load_state_dict(state["students"])
-        proxy_loss.load_state_dict(state["proxies"])
-        opt.load_state_dict(state["optimizer"])
-        if estimators is not None:
-            estimators.load_state_dict(state["estimators"])
-            est_opt.load_state_dict(state["estimator_optimizer"])
-        start, history = state["round"] + 1, state["history"]
-    rt.broadcast_module(students)
-    rt.broadcast_module(proxy_loss)
-    if estimators is not None:
-        rt.broadcast_module(estimators)
-    run = config.get("mlflow_run")
+def student_steps(students: EncoderPair, proxy_loss: torch.nn.Module, opt: torch.optim.Optimizer,
+                  teachers: TeacherSet, source: ReconstructedPairs | RealPairs, p: DistillParams,
+                  gen: torch.Generator, rnd: int, sums: dict[str, float]) -> None:
+    """m student steps on batches from ``source``."""
+    students.train()
+    if p.student.freeze_bn_stats:
+        for m in students.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    w = p.weights
+    for _ in range(p.student_steps):
+        x_p, x_s, labels_p, labels_s = source.student_batch(gen)
+        terms = student_losses(students, proxy_loss, teachers, x_p, x_s, p, labels_p, labels_s)
+        total = w.proxy * terms["proxy"] + w.teacher_kd * terms["teacher_kd"] + w.cross_modal * terms["cross_modal"]
+        rt.check_finite({**terms, "total": total}, rnd, "distill/students")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        rt.sync_gradients([students, proxy_loss])
+        opt.step()
+        add_to(sums, "student_", {**terms, "total": total}, p.student_steps)
+
+
+def distill_loop(config: dict) -> None:
+    device = rt.setup_worker(config)
+    p: DistillParams = config["params"]
+    kind: Source = config["source"]
+    seed = int(config["seed"])
+    torch.manual_seed(seed)
+    teachers, blob = load_teachers(config["teachers_path"], device)
+    students, proxy_loss, opt = build_student_side(p, teachers, blob, seed, device)
+    gen = torch.Generator().manual_seed(seed * 31 + rt.world()[0])
+    source = (ReconstructedPairs(config, p, teachers, blob["num_classes"], device) if kind == "reconstructed"
+              else RealPairs(config, p, int(blob["params"]["image_size"]), blob["num_classes"], device))
+    targets = source.checkpoint_targets()
+    state = rt.restore_into(students=students, proxies=proxy_loss, optimizer=opt, **targets)
+    start, history = (state["round"] + 1, state["history"]) if state else (0, [])
+    for module in (students, proxy_loss, *(t for t in targets.values() if isinstance(t, torch.nn.Module))):
+        rt.broadcast_module(module)
     sums: dict[str, float] = {}
     count, t0 = 0, time.time()
-    w = p.weights
-    by_class_photo = None
-    if photos is not None:
-        by_class_photo = [torch.nonzero(photos.labels == c).flatten() for c in range(num_classes)]
-    for rnd in rt.progress(range(start, rounds), total=rounds - start, desc=f"distill ({source})"):
-        # ---- k estimator steps: make samples the current students get wrong (bounded)
-        if estimators is not None:
-            students.eval().requires_grad_(False)
-            estimators.train()
-            for _ in range(p.estimator_steps):
-                z, y = estimators.sample_inputs(p.batch_size, gen, device)
-                x_p, x_s = estimators(z, y)
-                total, terms, _ = objective(x_p, x_s, y, z, students, proxy_loss.proxies.detach(), PROXY_SCALE)
-                rt.check_finite({**terms, "total": total}, rnd, "distill/estimators")
-                est_opt.zero_grad(set_to_none=True)
-                total.backward()
-                rt.sync_gradients(estimators)
-                est_opt.step()
-                for k, v in terms.items():
-                    sums[f"est_{k}"] = sums.get(f"est_{k}", 0.0) + float(v.detach()) / max(1, p.estimator_steps)
-            for n, q in students.named_parameters():
-                q.requires_grad_(p.student.backbone_lr_scale > 0 or ".backbone." not in n)
-        # ---- m student steps
-        students.train()
-        if p.student.freeze_bn_stats:
-            for m in students.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        for _ in range(p.student_steps):
-            labels_p = labels_s = None
-            if estimators is not None:
-                n_replay = int(round(p.batch_size * p.replay_fraction))
-                with torch.no_grad():
-                    estimators.eval()
-                    z, y = estimators.sample_inputs(p.batch_size - n_replay, gen, device)
-                    fresh_p, fresh_s = estimators(z, y)
-                    fresh = {"photo": (fresh_p * 255).round().to(torch.uint8).cpu(),
-                             "sketch": (fresh_s[:, :1] * 255).round().to(torch.uint8).cpu()}
-                    fresh["photo_teacher_label"] = teachers.photo_teacher(fresh_p).argmax(1).cpu()
-                    fresh["sketch_teacher_label"] = teachers.sketch_teacher(fresh_s).argmax(1).cpu()
-                replay = bank.sample(n_replay, gen)
-                bank.add(fresh)
-                batch = {k: torch.cat([fresh[k], replay[k]]) for k in replay}
-                x_p, x_s = _float_batch(batch, device)
-            else:
-                sb = torch.randint(0, len(sketches), (p.batch_size,), generator=gen)
-                # a real pair: the sketch and a photo of its class (its own photo when paired data exist
-                # matters only at instance level; category-level distillation needs class-aligned pairs)
-                labels_s = sketches.labels[sb]
-                pb = torch.stack([by_class_photo[c][torch.randint(0, len(by_class_photo[c]), (1,), generator=gen)][0]
-                                  for c in labels_s.tolist()])
-                labels_p = photos.labels[pb]
-                size = int(blob["params"]["image_size"])  # students see what their teachers saw
-                x_p = resize(to_float(photos.images[pb]), size).to(device)
-                x_s = resize(to_float(sketches.images[sb]), size).to(device)
-                labels_p, labels_s = labels_p.to(device), labels_s.to(device)
-            terms = student_losses(students, proxy_loss, teachers, x_p, x_s, p, labels_p, labels_s)
-            total = w.proxy * terms["proxy"] + w.teacher_kd * terms["teacher_kd"] + w.cross_modal * terms["cross_modal"]
-            rt.check_finite({**terms, "total": total}, rnd, "distill/students")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            rt.sync_gradients([students, proxy_loss])
-            opt.step()
-            for k, v in {**terms, "total": total}.items():
-                sums[f"student_{k}"] = sums.get(f"student_{k}", 0.0) + float(v.detach()) / p.student_steps
+    for rnd in rt.progress(range(start, source.rounds), total=source.rounds - start, desc=f"distill ({kind})"):
+        if isinstance(source, ReconstructedPairs):
+            source.estimator_steps(students, proxy_loss.proxies.detach(), gen, rnd, sums)
+        student_steps(students, proxy_loss, opt, teachers, source, p, gen, rnd, sums)
         count += 1
-        if (rnd + 1) % p.log_every == 0 or rnd + 1 == rounds:
+        if (rnd + 1) % p.log_every == 0 or rnd + 1 == source.rounds:
             metrics = rt.mean_over_workers({k: v / count for k, v in sums.items()})
             metrics.update(round=rnd, seconds_per_round=(time.time() - t0) / count)
             history.append(metrics)
-            if run is not None and rt.is_rank0():
-                run.log_metrics(metrics, step=rnd)
-            save = {"students": students.state_dict(), "proxies": proxy_loss.state_dict(), "optimizer": opt.state_dict(),
-                    "round": rnd, "history": history, "params": p.model_dump(mode="json"), "source": source,
-                    "num_classes": num_classes}
-            if estimators is not None:
-                save.update(estimators=estimators.state_dict(), estimator_optimizer=est_opt.state_dict())
-            rt.report(metrics, save)
+            rt.report(metrics, {"students": students.state_dict(), "proxies": proxy_loss.state_dict(),
+                                "optimizer": opt.state_dict(), "round": rnd, "history": history,
+                                "params": p.model_dump(mode="json"), "source": kind,
+                                "num_classes": blob["num_classes"],
+                                **{k: v.state_dict() for k, v in targets.items()}})
             sums, count, t0 = {}, 0, time.time()
 
 
-def load_students(path: str) -> tuple[EncoderPair, dict[str, Any]]:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    p = DistillParams.model_validate(blob["params"])
-    students = EncoderPair(p.student.backbone, p.student.embed_dim, p.student.head)
-    students.load_state_dict(blob["students"])
-    return students.eval(), blob
-
-
-def run_distill(ctx, source: Literal["reconstructed", "real"] = "reconstructed") -> dict[str, Any]:
+def run_distill(ctx, source: Source = "reconstructed") -> dict[str, Any]:
     """Stage body for ``distill`` (reconstructed pairs) and ``upper_bound`` (real training pairs)."""
-    from sbir.plots import plot_loss_curves
-
     p = ctx.params.distill
-    teachers_path = ctx.stage_dir("teacher_pretrain") / "teachers.pt"
-    config: dict[str, Any] = {"params": p.model_dump(mode="json"), "seed": ctx.params.seed,
-                              "teachers_path": str(teachers_path), "source": source, "mlflow_run": ctx.run}
-    needed = [teachers_path]
+    config: dict[str, Any] = {"params": p, "seed": ctx.params.seed, "source": source,
+                              "teachers_path": str(ctx.input("teacher_pretrain", "teachers.pt"))}
     if source == "reconstructed":
-        rec = ctx.stage_dir("reconstruct")
-        config.update(estimators_path=str(rec / "estimators.pt"), bank_path=str(rec / "bank.parquet"),
-                      reconstruct_params=ctx.params.reconstruct.model_dump(mode="json"))
-        needed += [rec / "estimators.pt", rec / "bank.parquet"]
+        config.update(estimators_path=str(ctx.input("reconstruct", "estimators.pt")),
+                      bank_path=str(ctx.input("reconstruct", "bank.parquet")),
+                      reconstruct_params=ctx.params.reconstruct)
     else:
-        config["dataset_dir"] = str(ctx.path(ctx.params.dataset_dir))
-    for f in needed:
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: run the earlier stages first")
-    name = "distill" if source == "reconstructed" else "upper_bound"
-    digest = ctx.params_digest({"distill": p.model_dump(mode="json"), "source": source,
-                                "reconstruct": ctx.params.reconstruct.model_dump(mode="json")})
-    outcome = rt.run_training(name, distill_loop, config, ctx.params.ray, digest, resume=ctx.resume)
+        config.update(dataset_dir=str(ctx.path(ctx.params.dataset_dir)), upper_bound_rounds=ctx.params.upper_bound.rounds)
+    outcome = ctx.train(distill_loop, config)
     state = outcome.state
     torch.save({k: state[k] for k in ("students", "proxies", "optimizer", "round", "params", "source", "num_classes")},
                ctx.tmp_out / "students.pt")
     history = state["history"]
-    (ctx.tmp_out / "history.json").write_text(json.dumps(history, indent=2))
-    keys = [k for k in history[-1] if k not in ("round", "seconds_per_round")]
-    plot_loss_curves({k: [h.get(k, float("nan")) for h in history] for k in keys}, ctx.tmp_out / "curves.png",
-                     title=f"{name} losses", xlabel="log interval")
     metrics = {"final_student_total": round(history[-1]["student_total"], 4),
                "seconds_per_round": round(history[-1]["seconds_per_round"], 4),
                "rounds": state["round"] + 1, "train_seconds": round(outcome.seconds, 1), "resumed": outcome.resumed}
-    (ctx.tmp_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return ctx.write_training_outputs(history, metrics, title=f"{ctx.stage} losses")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,20 +17,9 @@ import torch
 from sbir.config import EvaluateParams
 from sbir.data.datasets import ImageSet, load_image_set
 from sbir.data.format import open_dataset
-from sbir.dfsbir.distill import load_students
-from sbir.dfsbir.teacher import load_teachers
 from sbir.metrics import category_retrieval_metrics, chance_category_metrics, cosine_similarity_matrix, precision_recall_curve
-from sbir.models.backbones import resize, to_float
-
-
-@torch.no_grad()
-def embed(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int | None = None,
-          batch: int = 256) -> torch.Tensor:
-    out = []
-    for i in range(0, len(images), batch):
-        x = to_float(images[i : i + batch])
-        out.append(fn(resize(x, size) if size else x).float())
-    return torch.cat(out) if out else torch.zeros(0)
+from sbir.models.backbones import embed
+from sbir.models.checkpoints import load_students, load_teachers
 
 
 def method_embeddings(sketches: ImageSet, photos: ImageSet, teachers_path: Path, students: dict[str, Path],
@@ -40,14 +29,14 @@ def method_embeddings(sketches: ImageSet, photos: ImageSet, teachers_path: Path,
     size = int(blob["params"]["image_size"])
     out = {
         "classifier_only": (
-            embed(lambda x: teachers.sketch_teacher(x).softmax(1), sketches.images, size, batch),
-            embed(lambda x: teachers.photo_teacher(x).softmax(1), photos.images, size, batch),
+            embed(lambda x: teachers.sketch_teacher(x).softmax(1), sketches.images, size=size, batch=batch),
+            embed(lambda x: teachers.photo_teacher(x).softmax(1), photos.images, size=size, batch=batch),
         )
     }
     for name, path in students.items():
         model, _ = load_students(str(path))
-        out[name] = (embed(model.sketch_encoder, sketches.images, size, batch),
-                     embed(model.photo_encoder, photos.images, size, batch))
+        out[name] = (embed(model.sketch_encoder, sketches.images, size=size, batch=batch),
+                     embed(model.photo_encoder, photos.images, size=size, batch=batch))
     return out
 
 
@@ -60,12 +49,8 @@ def run_evaluate(ctx) -> dict[str, Any]:
     photos = load_image_set(ds, "photos", ["test"])
     if len(sketches) == 0 or len(photos) == 0:
         raise ValueError(f"{ds.root}: the test split needs sketches and photos ({len(sketches)}, {len(photos)})")
-    students = {"crossx_dfl": ctx.stage_dir("distill") / "students.pt",
-                "upper_bound": ctx.stage_dir("upper_bound") / "students.pt"}
-    for path in [ctx.stage_dir("teacher_pretrain") / "teachers.pt", *students.values()]:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run the earlier stages first")
-    embeddings = method_embeddings(sketches, photos, ctx.stage_dir("teacher_pretrain") / "teachers.pt", students,
+    students = {"crossx_dfl": ctx.input("distill", "students.pt"), "upper_bound": ctx.input("upper_bound", "students.pt")}
+    embeddings = method_embeddings(sketches, photos, ctx.input("teacher_pretrain", "teachers.pt"), students,
                                    p.batch_size)
     q_labels, g_labels = sketches.labels, photos.labels
     table: dict[str, dict[str, float]] = {
@@ -114,7 +99,7 @@ def run_evaluate(ctx) -> dict[str, Any]:
     metrics["crossx_dfl_over_upper_bound"] = round(ratio, 4)
     metrics["crossx_dfl_minus_classifier_only"] = round(table["crossx_dfl"][main_key] - table["classifier_only"][main_key], 4)
     metrics["num_queries"], metrics["gallery_size"] = len(sketches), len(photos)
-    (ctx.tmp_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    ctx.write_json("metrics.json", metrics)
     (ctx.tmp_out / "results_table.md").write_text(results_markdown(table, p))
     print(results_markdown(table, p))
     return metrics

@@ -3,11 +3,11 @@
 Reads only the teacher checkpoint and params (no dataset: the data-free guarantee). Trains the photo
 and sketch estimators with the objective of METHOD.md and writes them plus a Parquet bank of
 reconstructed pairs and a per-class PNG grid. The adversarial hardness term needs students, which
-do not exist yet here; it becomes active in ``distill``, which continues the alternation.
+do not exist yet here; it becomes active in ``distill`` (its weight and bound are distill params),
+which continues the alternation.
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch import nn
 from sbir.config import ReconstructParams
 from sbir.data.format import decode_image, encode_png
 from sbir.dfsbir import losses as L
-from sbir.dfsbir.teacher import TeacherSet, load_teachers
+from sbir.models.checkpoints import TeacherSet, load_teachers
 from sbir.models.estimators import EstimatorPair
 from sbir.train import runtime as rt
 
@@ -34,8 +34,13 @@ BANK_SCHEMA = pa.schema([
 class EstimatorObjective:
     """Every term of the estimator objective on one batch of reconstructed pairs."""
 
-    def __init__(self, teachers: TeacherSet, p: ReconstructParams) -> None:
-        self.teachers, self.p, self.w = teachers, p, p.weights
+    def __init__(self, teachers: TeacherSet, p: ReconstructParams, adversarial_weight: float = 0.0,
+                 adversarial_bound: float = 2.0) -> None:
+        self.teachers, self.p = teachers, p
+        # the hardness term (weight 0 without students: reconstruct) acts in distill, with distill's params
+        self.weights = {**p.weights.model_dump(), "adversarial": adversarial_weight}
+        self.adversarial_bound = adversarial_bound
+        self.w = p.weights
         self.bn_priors = ([L.BNStatsPrior(teachers.photo_teacher), L.BNStatsPrior(teachers.sketch_teacher)]
                           if self.w.bn_prior > 0 else [])
 
@@ -58,12 +63,12 @@ class EstimatorObjective:
             terms["diversity"] = L.diversity(x_p, z) + L.diversity(x_s[:, :1], z)
         if self.bn_priors:
             terms["bn_prior"] = sum(prior.loss() for prior in self.bn_priors)
-        if students is not None and proxies is not None and w.adversarial > 0:
+        if students is not None and proxies is not None and self.weights["adversarial"] > 0:
             e_p, e_s = students(x_p, x_s)
             terms["adversarial"] = (
-                L.adversarial_hardness(l_p, L.proxy_logits(e_p, proxies, proxy_scale), self.p.adversarial_bound)
-                + L.adversarial_hardness(l_s, L.proxy_logits(e_s, proxies, proxy_scale), self.p.adversarial_bound))
-        total = sum(getattr(w, k) * v for k, v in terms.items())
+                L.adversarial_hardness(l_p, L.proxy_logits(e_p, proxies, proxy_scale), self.adversarial_bound)
+                + L.adversarial_hardness(l_s, L.proxy_logits(e_s, proxies, proxy_scale), self.adversarial_bound))
+        total = sum(self.weights[k] * v for k, v in terms.items())
         return total, terms, {"photo_logits": l_p.detach(), "sketch_logits": l_s.detach()}
 
 
@@ -73,7 +78,7 @@ def build_estimators(p: ReconstructParams, num_classes: int, image_size: int) ->
 
 def reconstruct_loop(config: dict) -> None:
     device = rt.setup_worker(config)
-    p = ReconstructParams.model_validate(config["params"])
+    p: ReconstructParams = config["params"]
     seed = int(config["seed"])
     torch.manual_seed(seed)
     teachers, blob = load_teachers(config["teachers_path"], device)
@@ -81,15 +86,10 @@ def reconstruct_loop(config: dict) -> None:
     estimators = build_estimators(p, blob["num_classes"], image_size).to(device)
     opt = torch.optim.Adam(estimators.parameters(), lr=p.lr, betas=(0.5, 0.999))
     objective = EstimatorObjective(teachers, p)
-    start, history = 0, []
-    state = rt.restore()
-    if state is not None:
-        estimators.load_state_dict(state["estimators"])
-        opt.load_state_dict(state["optimizer"])
-        start, history = state["step"] + 1, state["history"]
+    state = rt.restore_into(estimators=estimators, optimizer=opt)
+    start, history = (state["step"] + 1, state["history"]) if state else (0, [])
     rt.broadcast_module(estimators)
     gen = torch.Generator().manual_seed(seed * 7919 + rt.world()[0])
-    run = config.get("mlflow_run")
     sums: dict[str, float] = {}
     count, t0 = 0, time.time()
     for step in rt.progress(range(start, p.steps), total=p.steps - start, desc="reconstruct"):
@@ -113,8 +113,6 @@ def reconstruct_loop(config: dict) -> None:
             metrics = rt.mean_over_workers({k: v / count for k, v in sums.items()})
             metrics.update(step=step, seconds_per_step=(time.time() - t0) / count)
             history.append(metrics)
-            if run is not None and rt.is_rank0():
-                run.log_metrics(metrics, step=step)
             rt.report(metrics, {"estimators": estimators.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                 "history": history, "params": p.model_dump(mode="json"),
                                 "num_classes": blob["num_classes"], "image_size": image_size})
@@ -193,18 +191,11 @@ def pairs_grid(bank: dict[str, torch.Tensor], class_names: list[str], path, per_
 
 
 def run_reconstruct(ctx) -> dict[str, Any]:
-    from sbir.plots import plot_loss_curves
-
     p = ctx.params.reconstruct
-    teachers_path = ctx.stage_dir("teacher_pretrain") / "teachers.pt"
-    if not teachers_path.is_file():
-        raise FileNotFoundError(f"{teachers_path} not found: run the teacher_pretrain stage first")
-    config = {"params": p.model_dump(mode="json"), "seed": ctx.params.seed, "teachers_path": str(teachers_path),
-              "mlflow_run": ctx.run}
-    outcome = rt.run_training("reconstruct", reconstruct_loop, config, ctx.params.ray, ctx.params_digest(p),
-                              resume=ctx.resume)
+    teachers_path = ctx.input("teacher_pretrain", "teachers.pt")
+    outcome = ctx.train(reconstruct_loop, {"params": p, "seed": ctx.params.seed, "teachers_path": str(teachers_path)})
     state = outcome.state
-    teachers, blob = load_teachers(str(teachers_path))
+    teachers, blob = load_teachers(teachers_path)
     estimators = build_estimators(p, state["num_classes"], state["image_size"])
     estimators.load_state_dict(state["estimators"])
     torch.save({"estimators": state["estimators"], "optimizer": state["optimizer"], "step": state["step"],
@@ -215,10 +206,6 @@ def run_reconstruct(ctx) -> dict[str, Any]:
     write_bank(str(ctx.tmp_out / "bank.parquet"), bank)
     pairs_grid(bank, blob["class_names"], ctx.tmp_out / "pairs.png")
     history = state["history"]
-    (ctx.tmp_out / "history.json").write_text(json.dumps(history, indent=2))
-    curve_keys = [k for k in history[-1] if k not in ("step", "seconds_per_step")]
-    plot_loss_curves({k: [h.get(k, float("nan")) for h in history] for k in curve_keys},
-                     ctx.tmp_out / "curves.png", title="reconstruct (estimator objective)", xlabel="log interval")
     cond = bank["condition"]
     metrics = {
         "bank_photo_teacher_acc": round(float((bank["photo_teacher_label"] == cond).float().mean()), 4),
@@ -229,5 +216,4 @@ def run_reconstruct(ctx) -> dict[str, Any]:
         "bank_size": p.bank_size, "bank_seconds": round(time.time() - t0, 1),
         "train_seconds": round(outcome.seconds, 1), "resumed": outcome.resumed,
     }
-    (ctx.tmp_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return ctx.write_training_outputs(history, metrics, title="reconstruct (estimator objective)")

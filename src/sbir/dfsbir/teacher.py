@@ -8,8 +8,8 @@ All three train in one Ray Train job (one fit per stage keeps Ray's fixed start-
 """
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,34 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sbir.config import TeacherParams
-from sbir.data.datasets import load_image_set
+from sbir.data.datasets import ImageSet, load_image_set
 from sbir.data.format import open_dataset
-from sbir.models.backbones import Classifier, channel_stats, resize, to_float
+from sbir.models.backbones import channel_stats, resize, to_float
+from sbir.models.checkpoints import TeacherSet
 from sbir.train import runtime as rt
 
 PHOTO, SKETCH = 0, 1
-
-
-class TeacherSet(nn.Module):
-    def __init__(self, p: TeacherParams, num_classes: int) -> None:
-        super().__init__()
-        self.photo_teacher = Classifier(p.backbone, num_classes)
-        self.sketch_teacher = Classifier(p.backbone, num_classes)
-        self.modality_net = Classifier(p.modality_backbone, 2)
-
-
-def build_teachers(p: TeacherParams, num_classes: int) -> TeacherSet:
-    return TeacherSet(p, num_classes)
-
-
-def load_teachers(path: str, device: torch.device | str = "cpu") -> tuple[TeacherSet, dict[str, Any]]:
-    """Load the teacher checkpoint written by teacher_pretrain; all three nets frozen in eval mode."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    p = TeacherParams.model_validate(blob["params"])
-    teachers = build_teachers(p, blob["num_classes"])
-    teachers.load_state_dict(blob["model"])
-    teachers.eval().requires_grad_(False).to(device)
-    return teachers, blob
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -76,122 +55,132 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, size:
     return correct, len(idx)
 
 
+@dataclass
+class TeacherData:
+    photos: ImageSet
+    sketches: ImageSet
+    photos_test: ImageSet
+    sketches_test: ImageSet
+
+
+def load_teacher_data(dataset_dir: str) -> tuple[TeacherData, Any]:
+    ds = open_dataset(dataset_dir)
+    data = TeacherData(photos=load_image_set(ds, "photos", ["train"]), sketches=load_image_set(ds, "sketches", ["train"]),
+                       photos_test=load_image_set(ds, "photos", ["test"]),
+                       sketches_test=load_image_set(ds, "sketches", ["test"]))
+    if len(data.photos) == 0 or len(data.sketches) == 0:
+        raise ValueError(f"{ds.root}: teacher_pretrain needs train photos and sketches "
+                         f"(found {len(data.photos)} photos, {len(data.sketches)} sketches)")
+    return data, ds
+
+
+def set_normalisation(teachers: TeacherSet, data: TeacherData) -> None:
+    """Each network normalises with the statistics of what it is trained on."""
+    photo_stats, sketch_stats = channel_stats(data.photos.images), channel_stats(data.sketches.images)
+    teachers.photo_teacher.normalise.set_stats(*photo_stats)
+    teachers.sketch_teacher.normalise.set_stats(*sketch_stats)
+    teachers.modality_net.normalise.set_stats((photo_stats[0] + sketch_stats[0]) / 2,
+                                              (photo_stats[1] + sketch_stats[1]) / 2)
+
+
 def teacher_loop(config: dict) -> None:
     device = rt.setup_worker(config)
-    p = TeacherParams.model_validate(config["params"])
+    p: TeacherParams = config["params"]
     seed = int(config["seed"])
     torch.manual_seed(seed)
-    ds = open_dataset(config["dataset_dir"])
-    photos = load_image_set(ds, "photos", ["train"])
-    sketches = load_image_set(ds, "sketches", ["train"])
-    photos_test = load_image_set(ds, "photos", ["test"])
-    sketches_test = load_image_set(ds, "sketches", ["test"])
-    if len(photos) == 0 or len(sketches) == 0:
-        raise ValueError(f"{ds.root}: teacher_pretrain needs train photos and sketches "
-                         f"(found {len(photos)} photos, {len(sketches)} sketches)")
-    teachers = build_teachers(p, ds.num_classes)
-    # each network normalises with the statistics of what it is trained on
-    teachers.photo_teacher.normalise.set_stats(*channel_stats(photos.images))
-    teachers.sketch_teacher.normalise.set_stats(*channel_stats(sketches.images))
-    both_mean = (channel_stats(photos.images)[0] + channel_stats(sketches.images)[0]) / 2
-    both_std = (channel_stats(photos.images)[1] + channel_stats(sketches.images)[1]) / 2
-    teachers.modality_net.normalise.set_stats(both_mean, both_std)
+    data, ds = load_teacher_data(config["dataset_dir"])
+    teachers = TeacherSet(p, ds.num_classes)
+    set_normalisation(teachers, data)
     teachers.to(device)
     opt = torch.optim.AdamW(teachers.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    steps_per_epoch = max(1, len(photos) // (p.batch_size * rt.world()[1]))
+    steps_per_epoch = max(1, len(data.photos) // (p.batch_size * rt.world()[1]))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=p.epochs * steps_per_epoch, pct_start=0.2)
-    start_epoch, history = 0, []
-    state = rt.restore()
-    if state is not None:
-        teachers.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+    state = rt.restore_into(model=teachers, optimizer=opt, scheduler=sched)
+    start_epoch, history = (state["epoch"] + 1, state["history"]) if state else (0, [])
     rt.broadcast_module(teachers)
     gen = torch.Generator().manual_seed(seed + 1000 * rt.world()[0])
-    run = config.get("mlflow_run")
     for epoch in range(start_epoch, p.epochs):
-        teachers.train()
         t0 = time.time()
-        sums = {"photo_ce": 0.0, "sketch_ce": 0.0, "modality_ce": 0.0}
-        sketch_batches = rt.shard_indices(len(sketches), p.batch_size, epoch, seed + 1)
-        sketch_iter = iter(sketch_batches)
-        n_steps = 0
-        for pb in rt.progress(rt.shard_indices(len(photos), p.batch_size, epoch, seed),
-                              total=steps_per_epoch, desc=f"teachers epoch {epoch}"):
-            try:
-                sb = next(sketch_iter)
-            except StopIteration:
-                sketch_iter = iter(rt.shard_indices(len(sketches), p.batch_size, epoch + 10_000, seed + 1))
-                sb = next(sketch_iter)
-            xp = resize(to_float(photos.images[pb]), p.image_size)
-            xs = resize(to_float(sketches.images[sb]), p.image_size)
-            if p.augment:
-                xp, xs = augment(xp, gen), augment(xs, gen)
-            xp, xs = xp.to(device), xs.to(device)
-            yp, ys = photos.labels[pb].to(device), sketches.labels[sb].to(device)
-            losses = {
-                "photo_ce": F.cross_entropy(teachers.photo_teacher(xp), yp, label_smoothing=p.label_smoothing),
-                "sketch_ce": F.cross_entropy(teachers.sketch_teacher(xs), ys, label_smoothing=p.label_smoothing),
-            }
-            xm = torch.cat([xp, xs])
-            ym = torch.cat([torch.full((len(xp),), PHOTO), torch.full((len(xs),), SKETCH)]).to(device)
-            losses["modality_ce"] = F.cross_entropy(teachers.modality_net(xm), ym)
-            rt.check_finite(losses, epoch * steps_per_epoch + n_steps, "teacher_pretrain")
-            opt.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            rt.sync_gradients(teachers)
-            opt.step()
-            sched.step()
-            for k, v in losses.items():
-                sums[k] += float(v.detach())
-            n_steps += 1
-        teachers.eval()
-        counts = {}
-        for name, net, imgs, labels in (("photo_teacher", teachers.photo_teacher, photos_test.images, photos_test.labels),
-                                        ("sketch_teacher", teachers.sketch_teacher, sketches_test.images, sketches_test.labels)):
-            c, n = accuracy(net, imgs, labels, p.image_size, device)
-            counts[f"{name}_correct"], counts[f"{name}_total"] = c, n
-        mod_imgs = torch.cat([photos_test.images, sketches_test.images.expand(-1, 3, -1, -1)])
-        mod_labels = torch.cat([torch.full((len(photos_test),), PHOTO), torch.full((len(sketches_test),), SKETCH)])
-        counts["modality_net_correct"], counts["modality_net_total"] = accuracy(teachers.modality_net, mod_imgs, mod_labels, p.image_size, device)
-        summed = {k: v * rt.world()[1] for k, v in rt.mean_over_workers(counts).items()}
-        metrics = {k: v / max(1, n_steps) for k, v in sums.items()}
-        metrics = rt.mean_over_workers(metrics)
-        for name in ("photo_teacher", "sketch_teacher", "modality_net"):
-            metrics[f"{name}_test_acc"] = summed[f"{name}_correct"] / max(1.0, summed[f"{name}_total"])
+        metrics = train_one_epoch(teachers, opt, sched, data, p, epoch, seed, gen, device, steps_per_epoch)
+        metrics.update(evaluate_teachers(teachers, data, p.image_size, device))
         metrics.update(epoch=epoch, epoch_seconds=time.time() - t0, lr=sched.get_last_lr()[0])
         history.append(metrics)
-        if run is not None and rt.is_rank0():
-            run.log_metrics(metrics, step=epoch)
         rt.report(metrics, {"model": teachers.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
                             "params": p.model_dump(mode="json"), "num_classes": ds.num_classes,
                             "class_names": ds.class_names})
 
 
+def train_one_epoch(teachers: TeacherSet, opt, sched, data: TeacherData, p: TeacherParams, epoch: int, seed: int,
+                    gen: torch.Generator, device: torch.device, steps_per_epoch: int) -> dict[str, float]:
+    """One epoch over this rank's photo batches, each with a sketch batch; mean losses over workers."""
+    teachers.train()
+    sums = {"photo_ce": 0.0, "sketch_ce": 0.0, "modality_ce": 0.0}
+    photos, sketches = data.photos, data.sketches
+    sketch_iter = iter(rt.shard_indices(len(sketches), p.batch_size, epoch, seed + 1))
+    n_steps = 0
+    for pb in rt.progress(rt.shard_indices(len(photos), p.batch_size, epoch, seed),
+                          total=steps_per_epoch, desc=f"teachers epoch {epoch}"):
+        try:
+            sb = next(sketch_iter)
+        except StopIteration:
+            sketch_iter = iter(rt.shard_indices(len(sketches), p.batch_size, epoch + 10_000, seed + 1))
+            sb = next(sketch_iter)
+        xp = resize(to_float(photos.images[pb]), p.image_size)
+        xs = resize(to_float(sketches.images[sb]), p.image_size)
+        if p.augment:
+            xp, xs = augment(xp, gen), augment(xs, gen)
+        xp, xs = xp.to(device), xs.to(device)
+        yp, ys = photos.labels[pb].to(device), sketches.labels[sb].to(device)
+        losses = {
+            "photo_ce": F.cross_entropy(teachers.photo_teacher(xp), yp, label_smoothing=p.label_smoothing),
+            "sketch_ce": F.cross_entropy(teachers.sketch_teacher(xs), ys, label_smoothing=p.label_smoothing),
+        }
+        xm = torch.cat([xp, xs])
+        ym = torch.cat([torch.full((len(xp),), PHOTO), torch.full((len(xs),), SKETCH)]).to(device)
+        losses["modality_ce"] = F.cross_entropy(teachers.modality_net(xm), ym)
+        rt.check_finite(losses, epoch * steps_per_epoch + n_steps, "teacher_pretrain")
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        rt.sync_gradients(teachers)
+        opt.step()
+        sched.step()
+        for k, v in losses.items():
+            sums[k] += float(v.detach())
+        n_steps += 1
+    return rt.mean_over_workers({k: v / max(1, n_steps) for k, v in sums.items()})
+
+
+def evaluate_teachers(teachers: TeacherSet, data: TeacherData, size: int, device: torch.device) -> dict[str, float]:
+    """Test accuracy of the three networks, summed over every worker's share."""
+    teachers.eval()
+    counts = {}
+    mod_imgs = torch.cat([data.photos_test.images, data.sketches_test.images.expand(-1, 3, -1, -1)])
+    mod_labels = torch.cat([torch.full((len(data.photos_test),), PHOTO),
+                            torch.full((len(data.sketches_test),), SKETCH)])
+    for name, net, imgs, labels in (
+            ("photo_teacher", teachers.photo_teacher, data.photos_test.images, data.photos_test.labels),
+            ("sketch_teacher", teachers.sketch_teacher, data.sketches_test.images, data.sketches_test.labels),
+            ("modality_net", teachers.modality_net, mod_imgs, mod_labels)):
+        counts[f"{name}_correct"], counts[f"{name}_total"] = accuracy(net, imgs, labels, size, device)
+    summed = {k: v * rt.world()[1] for k, v in rt.mean_over_workers(counts).items()}
+    return {f"{name}_test_acc": summed[f"{name}_correct"] / max(1.0, summed[f"{name}_total"])
+            for name in ("photo_teacher", "sketch_teacher", "modality_net")}
+
+
 def run_teacher_pretrain(ctx) -> dict[str, Any]:
     """Stage body: train the three networks on Ray, write ``teachers.pt`` + metrics + curves."""
-    from sbir.plots import plot_loss_curves
-
     p = ctx.params.teacher_pretrain
     dataset_dir = ctx.path(ctx.params.dataset_dir)
     open_dataset(dataset_dir)  # fail fast and clearly before Ray starts
-    config = {"params": p.model_dump(mode="json"), "seed": ctx.params.seed, "dataset_dir": str(dataset_dir),
-              "mlflow_run": ctx.run}
-    outcome = rt.run_training("teacher_pretrain", teacher_loop, config, ctx.params.ray,
-                              ctx.params_digest(p), resume=ctx.resume)
+    outcome = ctx.train(teacher_loop, {"params": p, "seed": ctx.params.seed, "dataset_dir": str(dataset_dir)})
     state = outcome.state
     torch.save({k: state[k] for k in ("model", "optimizer", "scheduler", "epoch", "params", "num_classes", "class_names")},
                ctx.tmp_out / "teachers.pt")
-    history = state["history"]
-    (ctx.tmp_out / "history.json").write_text(json.dumps(history, indent=2))
-    plot_loss_curves({k: [h[k] for h in history] for k in ("photo_ce", "sketch_ce", "modality_ce",
-                                                          "photo_teacher_test_acc", "sketch_teacher_test_acc")},
-                     ctx.tmp_out / "curves.png", title="teacher_pretrain", xlabel="epoch")
-    last = history[-1]
+    last = state["history"][-1]
     metrics = {k: round(last[k], 4) for k in ("photo_teacher_test_acc", "sketch_teacher_test_acc", "modality_net_test_acc")}
     metrics.update(chance_acc=round(1.0 / state["num_classes"], 4), epochs=p.epochs,
                    train_seconds=round(outcome.seconds, 1), resumed=outcome.resumed)
-    (ctx.tmp_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return ctx.write_training_outputs(state["history"], metrics, title="teacher_pretrain", xlabel="epoch",
+                                      curves=["photo_ce", "sketch_ce", "modality_ce", "photo_teacher_test_acc",
+                                              "sketch_teacher_test_acc"])

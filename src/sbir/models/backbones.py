@@ -8,7 +8,7 @@ normalised the way that network was trained.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -161,3 +161,15 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+@torch.no_grad()
+def embed(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, *, size: int | None = None,
+          batch: int = 256) -> torch.Tensor:
+    """``fn`` (an encoder, or any images -> vectors function) over uint8 images in batches, each batch
+    resized to ``size`` when given; float32 rows."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = to_float(images[i : i + batch])
+        out.append(fn(resize(x, size) if size else x).float())
+    return torch.cat(out) if out else torch.zeros(0)

@@ -7,8 +7,9 @@ set), or in-process when ``ray.num_workers`` is 0 (Ray Train's local mode, for f
 Inside a loop: :func:`world` gives (rank, world size), :func:`shard_indices` this rank's share of an
 epoch, :func:`sync_gradients` averages gradients over workers (explicit all-reduce rather than DDP,
 because the data-free stages train several modules against each other and DDP's hooks only fire
-through the wrapped ``forward``), :func:`report` sends metrics and a checkpoint (rank 0 writes it)
-and :func:`restore` returns the last checkpoint after a restart or ``--resume``.
+through the wrapped ``forward``), :func:`report` sends metrics and a checkpoint (rank 0 writes it and
+logs the metrics to the stage's MLflow run) and :func:`restore_into` loads the last checkpoint into
+the loop's modules and optimisers after a restart or ``--resume``.
 
 Resume policy: Ray restores a run when ``(storage_path, name)`` repeat, so the run name is the stage
 name (no time stamps). :func:`run_training` keeps the previous run only when it is unfinished and
@@ -74,7 +75,8 @@ def ray_results_dir() -> Path:
     return (Path(os.environ.get("SBIR_RAY_RESULTS", REPO_ROOT / "ray_results")) / _PIPELINE).resolve()
 
 
-def _ensure_ray(ray_params: RayParams) -> None:
+def ensure_ray(ray_params: RayParams) -> None:
+    """Start (or join, with ``ray.address``) the Ray instance the stages' Train jobs run on."""
     import ray
 
     if ray.is_initialized():
@@ -235,8 +237,9 @@ def training_hooks(hooks: TrainingHooks) -> Iterator[TrainingHooks]:
 def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[str, Any],
                  ray_params: RayParams, params_digest: str,
                  resume: Literal["auto", "always", "never"] = "auto",
-                 storage_root: Path | None = None) -> TrainingOutcome:
-    """Run ``loop`` as a Ray Train job named after the stage; returns the last reported metrics."""
+                 storage_root: Path | None = None, mlflow_run: Any = None) -> TrainingOutcome:
+    """Run ``loop`` as a Ray Train job named after the stage; returns the last reported metrics.
+    ``mlflow_run`` (a picklable :class:`sbir.tracking.RunHandle`) receives every report's metrics."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -253,9 +256,10 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
     use_gpu = _use_gpu(ray_params)
     config = dict(loop_config)
     config["_runtime"] = {"torch_threads": ray_params.torch_threads_per_worker, "stage": stage,
-                          "local_dir": str(run_dir) if ray_params.num_workers == 0 else None}
+                          "local_dir": str(run_dir) if ray_params.num_workers == 0 else None,
+                          "mlflow_run": mlflow_run}
     if ray_params.num_workers > 0:
-        _ensure_ray(ray_params)
+        ensure_ray(ray_params)
         scaling = ScalingConfig(num_workers=ray_params.num_workers, use_gpu=use_gpu,
                                 resources_per_worker={"CPU": ray_params.cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
     else:
@@ -311,6 +315,7 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
 # so the runtime keeps local-mode checkpoints itself, in the run folder (checkpoint_local_<n>).
 _LOCAL_DIR: Path | None = None
 _LOCAL_KEEP = 2
+_MLFLOW_RUN: Any = None  # the stage's MLflow run (a RunHandle), set by setup_worker
 
 
 def _local_checkpoints(run_dir: Path) -> list[Path]:
@@ -326,10 +331,11 @@ def _latest_local_state(run_dir: Path) -> dict[str, Any] | None:
 
 def setup_worker(config: Mapping[str, Any]) -> torch.device:
     """Per-worker set-up: thread count, device. Call first in every loop."""
-    global _LOCAL_DIR
+    global _LOCAL_DIR, _MLFLOW_RUN
     rt = config.get("_runtime", {})
     torch.set_num_threads(int(rt.get("torch_threads", 1)))
     _LOCAL_DIR = Path(rt["local_dir"]) if rt.get("local_dir") else None
+    _MLFLOW_RUN = rt.get("mlflow_run")
     if os.environ.get("SBIR_DETERMINISTIC") == "1":
         set_deterministic()
     try:
@@ -438,8 +444,13 @@ def check_finite(losses: Mapping[str, torch.Tensor | float], step: int, stage: s
 
 
 def report(metrics: Mapping[str, float], state: Mapping[str, Any] | None = None) -> None:
-    """Report metrics (a barrier across workers) and, from rank 0, a checkpoint holding ``state``."""
+    """Report metrics (a barrier across workers) and, from rank 0, a checkpoint holding ``state``; rank 0
+    also logs the metrics to the stage's MLflow run at the report's position (epoch/step/round)."""
     import ray.train
+
+    if _MLFLOW_RUN is not None and is_rank0():
+        position = _position(metrics, state)
+        _MLFLOW_RUN.log_metrics(metrics, step=next(iter(position.values()), None))
 
     if _LOCAL_DIR is not None:
         if state is not None:
@@ -468,6 +479,18 @@ def report(metrics: Mapping[str, float], state: Mapping[str, Any] | None = None)
         time.sleep(sleep)  # test-only fault (see fault_injection)
 
 
+def restore_into(**targets: Any) -> dict[str, Any] | None:
+    """The state saved by the last :func:`report` of this run (after a worker restart or resume), with
+    ``state[name]`` loaded into each ``name=object`` given (modules, optimisers, schedulers; None skips);
+    None when the run starts clean."""
+    state = restore()
+    if state is not None:
+        for name, target in targets.items():
+            if target is not None:
+                target.load_state_dict(state[name])
+    return state
+
+
 def restore() -> dict[str, Any] | None:
     """The state saved by the last :func:`report` of this run (after a worker restart or resume)."""
     import ray.train
@@ -488,3 +511,15 @@ def progress(iterable: Iterable, total: int | None = None, desc: str = "") -> It
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=desc, mininterval=10.0, file=sys.stdout, ascii=True, leave=True)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch intra-op threads (the stages that work outside Ray use the Ray
+    workers' ``ray.torch_threads_per_worker``: on a busy machine extra threads mostly wait)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
