@@ -258,19 +258,33 @@ def _join_at_junctions(polys: list[np.ndarray], max_turn_deg: float) -> list[np.
     polys = [p for p in polys if len(p) > 0]
     if max_turn_deg <= 0 or len(polys) < 2:
         return polys
-    cos_min = math.cos(math.radians(max_turn_deg))
     ends: list[tuple[int, bool]] = []  # (poly index, at_start)
     for i, p in enumerate(polys):
         if len(p) >= 2 and not np.array_equal(p[0], p[-1]):
             ends += [(i, True), (i, False)]
-    pt = [tuple(int(v) for v in (polys[i][0] if s else polys[i][-1])) for i, s in ends]
+    group = _meeting_points([tuple(int(v) for v in (polys[i][0] if s else polys[i][-1])) for i, s in ends])
+    # connectors inside one meeting point (junction clusters of the skeleton give 1-2 pixel edges
+    # between adjacent junction pixels) have no direction of their own: drop them, the strokes that
+    # meet there are joined across the gap instead
+    inner = {ends[k][0] for k in range(0, len(ends), 2)
+             if group[k] == group[k + 1] and _path_length(polys[ends[k][0]]) <= 2.0}
+    if inner:
+        keep = [i for i in range(len(polys)) if i not in inner]
+        return _join_at_junctions([polys[i] for i in keep], max_turn_deg)
+    link = _link_ends(polys, ends, group, math.cos(math.radians(max_turn_deg)))
+    if not link:
+        return polys
+    return _chains(polys, link)
+
+
+def _meeting_points(pt: list[tuple[int, int]]) -> list[int]:
+    """Group index of each end point: connected groups of points within one pixel of each other."""
     grid: dict[tuple[int, int], list[int]] = {}
     for k, q in enumerate(pt):
         grid.setdefault(q, []).append(k)
-    # meeting points: connected groups of ends within one pixel of each other
-    group = [-1] * len(ends)
+    group = [-1] * len(pt)
     n_groups = 0
-    for k in range(len(ends)):
+    for k in range(len(pt)):
         if group[k] >= 0:
             continue
         group[k] = n_groups
@@ -285,14 +299,13 @@ def _join_at_junctions(polys: list[np.ndarray], max_turn_deg: float) -> list[np.
                             group[f] = n_groups
                             stack.append(f)
         n_groups += 1
-    # connectors inside one meeting point (junction clusters of the skeleton give 1-2 pixel edges
-    # between adjacent junction pixels) have no direction of their own: drop them, the strokes that
-    # meet there are joined across the gap instead
-    inner = {ends[k][0] for k in range(0, len(ends), 2)
-             if group[k] == group[k + 1] and _path_length(polys[ends[k][0]]) <= 2.0}
-    if inner:
-        keep = [i for i in range(len(polys)) if i not in inner]
-        return _join_at_junctions([polys[i] for i in keep], max_turn_deg)
+    return group
+
+
+def _link_ends(polys: list[np.ndarray], ends: list[tuple[int, bool]], group: list[int],
+               cos_min: float) -> dict[tuple[int, bool], tuple[int, bool]]:
+    """At each meeting point, link pairs of ends of different polylines greedily by the smallest turn
+    (cosine >= ``cos_min``; each end at most once). Returns end -> linked end, both ways."""
     members: dict[int, list[int]] = {}
     for k, g in enumerate(group):
         members.setdefault(g, []).append(k)
@@ -317,8 +330,12 @@ def _join_at_junctions(polys: list[np.ndarray], max_turn_deg: float) -> list[np.
             used.update((a, b))
             link[ends[a]] = ends[b]
             link[ends[b]] = ends[a]
-    if not link:
-        return polys
+    return link
+
+
+def _chains(polys: list[np.ndarray], link: dict[tuple[int, bool], tuple[int, bool]]) -> list[np.ndarray]:
+    """Concatenate linked polylines into chains: first those with a free end (starting there), then
+    the cycles that are left."""
 
     def chain_from(i: int, start_at_start: bool, seen: set[int]) -> np.ndarray:
         parts = []
