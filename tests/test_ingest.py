@@ -764,6 +764,7 @@ def test_real_data_pipeline_params_and_dag(name, tmp_path):
     import yaml
 
     from sbir.config import load_params
+    from sbir.registry import STAGES
 
     pdir = REPO / "pipelines" / name
     params = load_params(pdir / "params.yaml")
@@ -773,10 +774,8 @@ def test_real_data_pipeline_params_and_dag(name, tmp_path):
     for stage, spec in dvc["stages"].items():
         if stage == "ingest":
             assert spec["cmd"].startswith("python -m sbir ingest ")
-        else:  # a registered stage (`python -m sbir run <stage>`) or its script in stages/
-            script = REPO / "stages" / f"{stage}.py"
-            assert spec["cmd"].startswith(f"python -m sbir run {stage} ") or (
-                script.is_file() and spec["cmd"].startswith(f"python stages/{stage}.py"))
+        else:  # a registered stage
+            assert stage in STAGES and spec["cmd"].startswith(f"python -m sbir run {stage} ")
         for dep in spec.get("deps", []):  # code deps exist; data deps are this pipeline's outputs
             assert (REPO / dep).exists() or dep.startswith((f"data/{name}", f"outputs/{name}/")), dep
         for out in spec.get("outs", []):
