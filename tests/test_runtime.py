@@ -10,9 +10,9 @@ from sbir.train.smoke import make_data, regression_loop
 
 def test_two_ray_workers_train_checkpoint_and_log_to_mlflow(tmp_path):
     with tracking.stage_run("test-runtime", "smoke", {"lr": 0.1}, "hash0", "sum0") as run:
-        out = rt.run_training("smoke", regression_loop, {"epochs": 3, "mlflow_run": run},
+        out = rt.run_training("smoke", regression_loop, {"epochs": 3},
                               RayParams(num_workers=2, max_failures=0), params_digest="d1",
-                              storage_root=tmp_path)
+                              storage_root=tmp_path, mlflow_run=run)
     assert out.metrics["world_size"] == 2
     assert out.metrics["mse"] < 0.05  # it really learned
     # the checkpoint was written by rank 0 and reads back into a model

@@ -1,6 +1,6 @@
 """A tiny but real training loop (linear regression on synthetic data) that exercises the whole
 runtime: sharded batches, gradient sync across workers, per-epoch reports, checkpoints, resume and
-rank-0 MLflow logging. Used by tests and by benchmarks/bench_ray_overhead.py."""
+rank-0 MLflow logging (through ``rt.report``). Used by tests/test_runtime.py and tests/test_fault_tolerance.py."""
 from __future__ import annotations
 
 import torch
@@ -21,14 +21,9 @@ def regression_loop(config: dict) -> None:
     torch.manual_seed(config.get("seed", 0))  # same initial weights on every worker and every run
     model = torch.nn.Linear(x.shape[1], 1)
     opt = torch.optim.SGD(model.parameters(), lr=config.get("lr", 0.1))
-    start = 0
-    state = rt.restore()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["epoch"] + 1
+    state = rt.restore_into(model=model, optimizer=opt)
+    start = state["epoch"] + 1 if state else 0
     rt.broadcast_module(model)
-    run = config.get("mlflow_run")
     for epoch in range(start, config.get("epochs", 3)):
         total, steps = 0.0, 0
         for idx in rt.shard_indices(len(x), config.get("batch_size", 32), epoch, seed=0):
@@ -41,6 +36,4 @@ def regression_loop(config: dict) -> None:
             total, steps = total + float(loss), steps + 1
         metrics = rt.mean_over_workers({"mse": total / steps})
         metrics.update(epoch=epoch, world_size=rt.world()[1], resumed_from=start)
-        if run is not None and rt.is_rank0():
-            run.log_metrics(metrics, step=epoch)
         rt.report(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch})
