@@ -38,5 +38,5 @@ def run_prepare(ctx) -> dict[str, Any]:
         "generate_seconds": round(gen_seconds, 1),
         "checksum": manifest["checksum"],
     }
-    (ctx.tmp_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    ctx.write_json("metrics.json", metrics)
     return metrics
