@@ -199,6 +199,34 @@ def test_sketchy_bad_input_is_reported(tmp_path):
     assert {"file", "reason"} <= set(data["issues"][0])
 
 
+def test_raster_sketches_take_the_image_size_like_photos_take_the_photo_size(tmp_path):
+    """--photo-size 48 --image-size 48 without --vectorise: photos AND raster sketches come out at 48 px
+    (raster sketches used to keep their source size, 128 px here, and training died on the mismatch)."""
+    root = tmp_path / "flat"
+    for cls, stems in {"cat": ["c1", "c2"], "dog": ["d1"]}.items():
+        for i, stem in enumerate(stems):
+            write_png_photo(root / "photo" / cls / f"{stem}.png", i, size=128)
+            write_sketch_png(root / "sketch" / cls / f"{stem}-1.png", 7 + i, size=128)
+    write_sketch_png(root / "sketch" / "dog" / "d1-2.png", 40, size=128, mode="LA")  # with an alpha channel
+    rep = ingest_sketchy(root, tmp_path / "out", opts(photo_size=48, image_size=48))
+    assert rep.ok, rep.issues
+    photos, sketches = rows(photos_table(tmp_path / "out")), rows(sketches_table(tmp_path / "out"))
+    assert len(photos) == 3 and len(sketches) == 4
+    for p in photos:
+        assert (p["height"], p["width"]) == (48, 48) and decode_image(p["image"], "RGB").shape == (48, 48, 3)
+    for s in sketches:
+        assert s["strokes"] is None
+        assert (s["height"], s["width"]) == (48, 48) and decode_image(s["image"], "L").shape == (48, 48)
+        img = decode_image(s["image"], "L")
+        assert img.min() < 200 and img.max() >= 250  # still (1 px, so grey at 48 px) lines on white
+    # the same through the command line; without --photo-size photos keep their bytes, sketches still follow
+    r = run_cli("--format", "sketchy", "--root", str(root), "--out", str(tmp_path / "cli"), "--no-progress",
+                "--image-size", "32")
+    assert r.returncode == 0, r.stderr
+    assert {(s["height"], s["width"]) for s in rows(sketches_table(tmp_path / "cli"))} == {(32, 32)}
+    assert {(p["height"], p["width"]) for p in rows(photos_table(tmp_path / "cli"))} == {(128, 128)}
+
+
 def test_sketchy_strict_fails_on_first_issue(tmp_path):
     root = make_sketchy(tmp_path / "sketchy", bad=True)
     with pytest.raises(StrictIngestError, match=r"n02121808_3\.jpg: corrupt_image"):
@@ -577,7 +605,7 @@ def test_real_sketchy_subset(shared_data, tmp_path):
         assert sum(m["counts"]["sketches"][s].get(c, 0) for s in m["counts"]["sketches"]) == 25
     photos = {r["id"]: r["split"] for r in rows(photos_table(tmp_path / "out").select(["id", "split"]))}
     sk = sketches_table(tmp_path / "out").select(["photo_id", "split", "height"]).to_pylist()
-    assert all(photos[s["photo_id"]] == s["split"] and s["height"] == 256 for s in sk)
+    assert all(photos[s["photo_id"]] == s["split"] and s["height"] == 64 for s in sk)  # 256 px rasters at FAST size
     rep2 = ingest_sketchy(shared_data / "sketchy_256_subset", tmp_path / "again", opts())
     assert rep2.manifest["checksum"] == m["checksum"]
 

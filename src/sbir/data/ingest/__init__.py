@@ -44,7 +44,8 @@ Conventions shared by all adapters
 * Strokes are stored as stroke-3 in the source's units (Quick Draw 0..255, TU-Berlin 800 x 800
   canvas, QMUL 256 canvas), never rescaled; the sketch ``image`` is rendered with the project's
   rasteriser (:func:`sbir.strokes.rasterise`, greyscale PNG, black on white, ``image_size``).
-  Sketches that exist only as rasters keep their raster (as greyscale) with ``strokes = None``,
+  Sketches that exist only as rasters keep their raster (as greyscale, resized to ``image_size`` x
+  ``image_size`` like every sketch image) with ``strokes = None``,
   unless ``vectorise`` is on: then each raster is traced into stroke-3 (:mod:`sbir.data.vectorise`,
   in the raster's pixel units), the stored image is re-rendered from the strokes by the project's
   rasteriser, ``source`` ends in ``#vectorised``, and the trace statistics (strokes per sketch,

@@ -108,7 +108,8 @@ def _add_rendering(g: argparse._ArgumentGroup, d: IngestOptions) -> None:
                    help="resize photos to N x N pixels (PNG) at ingest, for small CPU pipelines (default: keep the "
                         "original bytes)")
     g.add_argument("--image-size", type=int, default=d.image_size,
-                   help="side in pixels of sketch images rendered from strokes (default %(default)s)")
+                   help="side in pixels of every sketch image: rendered from strokes, or a raster sketch resized "
+                        "(default %(default)s)")
     g.add_argument("--line-width", type=float, default=d.line_width,
                    help="rasteriser line width in output pixels (default %(default)s)")
     g.add_argument("--padding", type=float, default=d.padding,

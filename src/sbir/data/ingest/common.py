@@ -57,7 +57,7 @@ class IngestOptions:
     """Options of every adapter (each reads the ones that concern it; see ``sbir ingest --help``)."""
 
     name: str | None = None              # dataset name in the manifest (default: output folder name)
-    image_size: int = 256                # side of sketch images rendered from strokes
+    image_size: int = 256                # side of every sketch image (rendered from strokes, or raster resized)
     line_width: float = 2.0              # rasteriser line width in output pixels
     padding: float = 0.05                # rasteriser padding (share of the side on every edge)
     test_share: float = 0.2              # hash split: share of ids sent to "test" (no official split)
@@ -333,6 +333,13 @@ def sketch_raster_bytes(data: bytes) -> tuple[bytes, int, int]:
         img.load()
         grey = to_grey(img)
     return encode_png(np.ascontiguousarray(grey)), grey.shape[0], grey.shape[1]
+
+
+def square_png(data: bytes, n: int, mode: str) -> bytes:
+    """Image bytes resized to ``n`` x ``n`` (Lanczos) in PIL ``mode`` ("RGB" photos, "L" sketches), as PNG."""
+    with Image.open(io.BytesIO(data)) as img:
+        arr = np.asarray(img.convert(mode).resize((n, n), Image.Resampling.LANCZOS))
+    return encode_png(np.ascontiguousarray(arr))
 
 
 def _load_image(f: Path, report: IngestReport, convert) -> tuple[bytes, int, int] | None:

@@ -2,7 +2,6 @@
 duplicate ids, batched rendering, vectorising rasters), per-class photo folders, the adapter wrapper."""
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -10,7 +9,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image
 
 from sbir.data.format import MANIFEST_FILE, DatasetWriter, PhotoRow, SketchRow, encode_png
 from sbir.data.ingest.common import (
@@ -27,6 +25,7 @@ from sbir.data.ingest.common import (
     natural_key,
     pick_labelled,
     relative_name,
+    square_png,
 )
 
 
@@ -140,11 +139,9 @@ class Sink:
         self.photo_ids.add(pid)
         if labelled:
             self.labelled_ids.add(pid)
-        if self.opts.photo_size is not None and (h != self.opts.photo_size or w != self.opts.photo_size):
-            n = self.opts.photo_size
-            with Image.open(io.BytesIO(image)) as im:
-                arr = np.asarray(im.convert("RGB").resize((n, n), Image.Resampling.LANCZOS))
-            image, h, w = encode_png(np.ascontiguousarray(arr)), n, n
+        n = self.opts.photo_size
+        if n is not None and (h, w) != (n, n):
+            image, h, w = square_png(image, n, "RGB"), n, n
         self.w.add_photo(PhotoRow(id=pid, class_name=class_name, label=self.labels[class_name], split=split,
                                   image=image, height=h, width=w, source=source, labelled=bool(labelled)))
         return True
@@ -174,6 +171,9 @@ class Sink:
             return False
         self.flush()  # keep the call order in the table
         self._count_pair(split, photo_id)
+        n = self.opts.image_size  # every sketch image has the same size, rendered or raster
+        if (h, w) != (n, n):
+            png, h, w = square_png(png, n, "L"), n, n
         self.w.add_sketch(SketchRow(id=sid, class_name=class_name, label=self.labels[class_name], split=split,
                                     image=png, height=h, width=w, strokes=None, photo_id=photo_id, source=source))
         return True
