@@ -465,6 +465,37 @@ def test_tuberlin_bad_svgs_reported(tmp_path):
         ingest_tuberlin(root, tmp_path / "strict", opts(strict=True))
 
 
+def test_tuberlin_malformed_path_data_and_degenerate_sketches_reported(tmp_path):
+    """Path data a lenient parser would cut short, and strokes that are no drawing (one spot), are bad
+    input like an unparsable file: counted, named in the report, never stored; --strict stops on them."""
+    svg = '<svg viewBox="0 0 800 800" xmlns="http://www.w3.org/2000/svg">{}</svg>'
+    root = tmp_path / "tu"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "1.svg").write_text(TU_SVG.replace("{tx}", "87.52"))                  # good
+    (root / "cat" / "2.svg").write_text(svg.format('<path d="M 10 10 L zz 20 Q"/>'))       # malformed
+    (root / "cat" / "3.svg").write_text(svg.format('<path d="M 5 5 L 5 5 Z"/>'))           # no extent
+    (root / "cat" / "4.svg").write_text(svg.format('<path d="M 1 1 L 9 9"/><path d="M 3 3 C 1 1"/>'))
+    write_sketch_png(root / "cat" / "4.png", 4, size=48)  # ... its PNG twin is used instead
+    (root / "cat" / "5.svg").write_text(svg.format('<line x1="7" y1="7" x2="7" y2="7" stroke="black"/>'))
+    rep = ingest_tuberlin(root, tmp_path / "out", opts())
+    assert rep.issue_counts == {"unparsable_svg": 2, "degenerate_drawing": 2}, rep.issues
+    by_file = {Path(e["file"]).name: e for e in rep.issues}
+    assert by_file["2.svg"]["reason"] == "unparsable_svg" and "malformed" in by_file["2.svg"]["detail"]
+    assert "'L' at character 8 has no coordinates" in by_file["2.svg"]["detail"]
+    assert by_file["4.svg"]["reason"] == "unparsable_svg" and "using the PNG instead" in by_file["4.svg"]["detail"]
+    assert by_file["3.svg"]["reason"] == by_file["5.svg"]["reason"] == "degenerate_drawing"
+    assert "no extent" in by_file["3.svg"]["detail"]
+    sk = sketches_table(tmp_path / "out")
+    assert sorted(sk.column("id").to_pylist()) == ["cat/1", "cat/4"]
+    assert strokes_from_arrow(sk.column("strokes"))[sk.column("id").to_pylist().index("cat/4")] is None  # the PNG
+    assert rep.info["sketches_from_svg"] == 1 and rep.info["sketches_from_png"] == 1
+    with pytest.raises(StrictIngestError, match=r"2\.svg: unparsable_svg \(path 0 has malformed data"):
+        ingest_tuberlin(root, tmp_path / "strict", opts(strict=True))
+    (root / "cat" / "2.svg").unlink()
+    with pytest.raises(StrictIngestError, match=r"3\.svg: degenerate_drawing"):
+        ingest_tuberlin(root, tmp_path / "strict", opts(strict=True))
+
+
 # =========================================================================== QMUL
 def qmul_sketch(rng, n_strokes=3, canvas=256.0) -> np.ndarray:
     """(N,3) ABSOLUTE x, y and a pen flag on each stroke's last point, as in ShoeV2_Coordinate."""

@@ -55,8 +55,9 @@ Conventions shared by all adapters
 * ``photo_size``: photos are resized to ``photo_size`` x ``photo_size`` (PNG) at ingest, for small
   pipelines on CPU; by default photos keep their bytes.
   Photos keep their original JPEG/PNG bytes (other formats are re-encoded as PNG).
-* Bad input is never dropped silently: every corrupt image, unparsable SVG, invalid ndjson line,
-  empty drawing, sketch without photo, unreadable file... is an *issue* in the
+* Bad input is never dropped silently: every corrupt image, unparsable SVG (malformed path data
+  included), invalid ndjson line, empty drawing, degenerate SVG drawing (fewer than 2 points or no
+  extent), sketch without photo, unreadable file... is an *issue* in the
   :class:`IngestReport` (count per reason + ``{file, reason, detail}``); deliberate exclusions
   (class map, ``drop_invalid``, ``recognized_only``, ``max_per_class``) are counted under
   ``dropped``. With ``strict=True`` the first issue raises :class:`StrictIngestError`.

@@ -43,9 +43,9 @@ formats (--format) and the layouts they read under --root:
              pair folders. One class ("shoe", from the file names, or --class-name).
 
 Strokes are stored as stroke-3 in the source's units; sketch images are rendered with the project's
-rasteriser. Bad input (corrupt images, unparsable SVG, invalid ndjson lines, empty drawings,
-sketches without photo, ...) is counted in the report, never dropped silently; --strict fails on
-the first one.
+rasteriser. Bad input (corrupt images, unparsable SVG or malformed path data, invalid ndjson lines,
+empty or degenerate drawings, sketches without photo, ...) is counted in the report, never dropped
+silently; --strict fails on the first one.
 """
 
 

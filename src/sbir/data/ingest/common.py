@@ -28,6 +28,7 @@ UNPARSABLE_SVG = "unparsable_svg"
 INVALID_JSON = "invalid_ndjson_line"
 INVALID_DRAWING = "invalid_drawing"
 EMPTY_DRAWING = "empty_drawing"
+DEGENERATE_DRAWING = "degenerate_drawing"  # fewer than 2 points, or no extent
 SKETCH_WITHOUT_PHOTO = "sketch_without_photo"
 OUTSIDE_CANVAS = "outside_canvas"
 DUPLICATE_ID = "duplicate_id"
