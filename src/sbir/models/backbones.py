@@ -3,7 +3,9 @@
 Every network takes 3-channel images in [0, 1] (greyscale sketches are repeated to 3 channels) and
 normalises them itself with the channel statistics it was trained with (:class:`Normalise`, stored in
 its state dict), so a photo, a sketch or a reconstructed sample always reaches each network
-normalised the way that network was trained.
+normalised the way that network was trained. The stages set those statistics from their data
+(``set_stats``), except for a pretrained backbone (``backbone.pretrained``), whose normalisation is fixed
+to the statistics its weights expect.
 """
 from __future__ import annotations
 
@@ -18,14 +20,22 @@ from sbir.config import BackboneParams
 
 
 class Normalise(nn.Module):
-    """(x - mean) / std per channel with the statistics stored as buffers."""
+    """(x - mean) / std per channel with the statistics stored as buffers.
 
-    def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.25, 0.25, 0.25)) -> None:
+    ``fixed``: the statistics are those pretrained weights expect, and :meth:`set_stats` (the stages'
+    data statistics) leaves them alone.
+    """
+
+    def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.25, 0.25, 0.25),
+                 fixed: bool = False) -> None:
         super().__init__()
+        self.fixed = fixed
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        if self.fixed:
+            return
         self.mean.copy_(mean.view_as(self.mean))
         self.std.copy_(std.clamp_min(1e-3).view_as(self.std))
 
@@ -76,10 +86,38 @@ class ResNetBackbone(nn.Module):
         return self.net(x)
 
 
+class EfficientNetLite0Backbone(nn.Module):
+    """timm's EfficientNet-Lite0 without its classifier (pooled 1280-d features): ImageNet weights from the
+    installed package when ``pretrained``, a local weights file when given, else random init
+    (:mod:`sbir.models.pretrained`)."""
+
+    def __init__(self, pretrained: bool = False, weights_path: str | None = None) -> None:
+        super().__init__()
+        from sbir.models.pretrained import efficientnet_lite0, packaged_weights_file
+
+        self.net = efficientnet_lite0(0, packaged_weights_file() if pretrained else weights_path)
+        self.out_dim = self.net.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def build_backbone(p: BackboneParams) -> nn.Module:
     if p.name == "small_cnn":
         return SmallCNN(p.width, p.depth)
+    if p.name == "efficientnet_lite0":
+        return EfficientNetLite0Backbone(p.pretrained, p.weights_path)
     return ResNetBackbone(p.name, p.weights_path)
+
+
+def build_normalise(p: BackboneParams) -> Normalise:
+    """The input normalisation for a backbone: fixed to what the weights expect when pretrained, else
+    the defaults the stages overwrite with their data statistics."""
+    if p.pretrained:
+        from sbir.models.pretrained import LITE_MEAN, LITE_STD
+
+        return Normalise(LITE_MEAN, LITE_STD, fixed=True)
+    return Normalise()
 
 
 class Classifier(nn.Module):
@@ -87,9 +125,14 @@ class Classifier(nn.Module):
 
     def __init__(self, backbone: BackboneParams, num_classes: int) -> None:
         super().__init__()
-        self.normalise = Normalise()
+        self.normalise = build_normalise(backbone)
         self.backbone = build_backbone(backbone)
         self.head = nn.Linear(self.backbone.out_dim, num_classes)
+
+    @property
+    def uses_fixed_normalisation(self) -> bool:
+        """True for a pretrained backbone: data statistics must not replace the ones its weights expect."""
+        return self.normalise.fixed
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalise(x))
@@ -107,7 +150,7 @@ class Encoder(nn.Module):
 
     def __init__(self, backbone: BackboneParams, embed_dim: int, head: str = "linear") -> None:
         super().__init__()
-        self.normalise = Normalise()
+        self.normalise = build_normalise(backbone)
         self.backbone = build_backbone(backbone)
         d = self.backbone.out_dim
         if head == "mlp":
@@ -116,6 +159,11 @@ class Encoder(nn.Module):
             self.project = nn.Linear(d, embed_dim)
         else:
             raise ValueError(f"unknown projection head {head!r} (expected 'linear' or 'mlp')")
+
+    @property
+    def uses_fixed_normalisation(self) -> bool:
+        """True for a pretrained backbone: data statistics must not replace the ones its weights expect."""
+        return self.normalise.fixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.project(self.backbone(self.normalise(x))), dim=-1)

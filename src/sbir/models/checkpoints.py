@@ -56,14 +56,15 @@ def build_students(p: StudentParams, teachers: TeacherSet | None, teacher_params
     """Photo + sketch encoders; backbones from the teachers' when ``p.init_from_teacher``."""
     students = EncoderPair(p.backbone, p.embed_dim, p.head)
     if p.init_from_teacher and teachers is not None:
-        if teacher_params is not None and teacher_params["backbone"] != p.backbone.model_dump(mode="json"):
+        if teacher_params is not None and BackboneParams.model_validate(teacher_params["backbone"]) != p.backbone:
             raise ValueError("distill.student.init_from_teacher needs the student backbone to equal "
                              f"teacher_pretrain.backbone ({teacher_params['backbone']} vs {p.backbone.model_dump()})")
         for enc, teacher in ((students.photo_encoder, teachers.photo_teacher),
                              (students.sketch_encoder, teachers.sketch_teacher)):
             enc.backbone.load_state_dict(teacher.backbone.state_dict())
             enc.normalise.load_state_dict(teacher.normalise.state_dict())
-    elif teachers is not None:  # fresh backbone, but still the normalisation its inputs will need
+    elif teachers is not None and not students.photo_encoder.uses_fixed_normalisation:  # fresh backbone, but
+        # still the normalisation its inputs will need (a pretrained one keeps what its weights expect)
         students.photo_encoder.normalise.load_state_dict(teachers.photo_teacher.normalise.state_dict())
         students.sketch_encoder.normalise.load_state_dict(teachers.sketch_teacher.normalise.state_dict())
     return students
