@@ -72,8 +72,9 @@ def fine_grained_validation(dataset_dir: Path, outputs_dir: Path, ks: Sequence[i
     """Instance-level retrieval: real sketches of the unlabelled train photos query those photos."""
     from sbir.data.datasets import load_image_set, pair_index
     from sbir.data.format import open_dataset
-    from sbir.fgsbir.evaluate import embed, fine_grained_metrics
-    from sbir.fgsbir.joint import load_retrieval_checkpoint
+    from sbir.fgsbir.evaluate import fine_grained_metrics
+    from sbir.models.backbones import embed
+    from sbir.models.checkpoints import load_retrieval_checkpoint
 
     ds = open_dataset(dataset_dir)
     sketches = load_image_set(ds, "sketches", ["train"])
@@ -95,8 +96,8 @@ def fine_grained_validation(dataset_dir: Path, outputs_dir: Path, ks: Sequence[i
     for name in found:
         model, blob = load_retrieval_checkpoint(ck_dir / f"{name}.pt")
         size = blob["arch"].get("image_size")
-        q = embed(model.sketch_encoder, sketches.images[q_rows], batch_size, size)
-        g = embed(model.photo_encoder, gallery.images, batch_size, size)
+        q = embed(model.sketch_encoder, sketches.images[q_rows], size=size, batch=batch_size)
+        g = embed(model.photo_encoder, gallery.images, size=size, batch=batch_size)
         m, _ = fine_grained_metrics(q, g, true_idx, ks)
         out.update({f"val/{name}/{k}": float(v) for k, v in m.items()})
     return out
@@ -105,7 +106,7 @@ def fine_grained_validation(dataset_dir: Path, outputs_dir: Path, ks: Sequence[i
 def run_validation(kind: ValidationKind, dataset_dir: Path, outputs_dir: Path, options: dict[str, Any] | None = None,
                    torch_threads: int | None = None) -> dict[str, float]:
     """Dispatch on ``kind``; ``torch_threads`` pins the thread count so a rerun computes the same floats."""
-    from sbir.fgsbir.generator_train import torch_threads as pinned_threads
+    from sbir.train.runtime import torch_threads as pinned_threads
 
     options = dict(options or {})
     with pinned_threads(torch_threads) if torch_threads else nullcontext():

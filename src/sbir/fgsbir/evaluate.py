@@ -17,24 +17,14 @@ import torch
 
 from sbir.data.datasets import ImageSet, load_image_set, pair_index
 from sbir.data.format import open_dataset
-from sbir.fgsbir.generator_train import torch_threads
-from sbir.fgsbir.joint import load_retrieval_checkpoint
+from sbir.fgsbir.generator_train import with_worker_threads
 from sbir.fgsbir.params import FGEvaluateParams
 from sbir.metrics import accuracy_at_k, cosine_similarity_matrix, true_match_ranks
-from sbir.models.backbones import resize, to_float
+from sbir.models.backbones import embed
+from sbir.models.checkpoints import load_retrieval_checkpoint
 
 ORDER = ["supervised", "semi", "full", "semi_no_weighting", "semi_no_consistency", "semi_no_policy_gradient",
          "semi_no_pseudo_triplet", "supervised_pretrain", "full_pretrain"]
-
-
-@torch.no_grad()
-def embed(encoder: torch.nn.Module, images: torch.Tensor, batch: int = 256, size: int | None = None) -> torch.Tensor:
-    """Embeddings of uint8 images (resized to ``size`` when given), in batches."""
-    out = []
-    for i in range(0, len(images), batch):
-        x = to_float(images[i : i + batch])
-        out.append(encoder(resize(x, size) if size else x).float())
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 def fine_grained_metrics(query_emb, gallery_emb, true_index, ks: Sequence[int] = (1, 5, 10)
@@ -73,24 +63,24 @@ def results_markdown(table: dict[str, dict[str, float]], ks: Sequence[int]) -> s
     return "\n".join(lines) + "\n"
 
 
+def model_checkpoints(ck_dir: Path) -> dict[str, Path]:
+    """The F checkpoints fgsbir_joint wrote, by variant, in :data:`ORDER` (then the others by name)."""
+    found = {f.stem: f for f in sorted(ck_dir.glob("*.pt")) if not f.stem.endswith("discriminator")}
+    if not found:
+        raise FileNotFoundError(f"{ck_dir} holds no model checkpoint: run the fgsbir_joint stage first")
+    names = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    return {n: found[n] for n in names}
+
+
+@with_worker_threads
 def run_fg_evaluate(ctx) -> dict[str, Any]:
-    with torch_threads(ctx.params.ray.torch_threads_per_worker):
-        return _run_fg_evaluate(ctx)
-
-
-def _run_fg_evaluate(ctx) -> dict[str, Any]:
-    from sbir.plots import plot_rank_histogram, plot_retrievals
-
+    """Stage body: Acc@K and ranks of every F variant; embeddings, rank histogram, retrieval grids."""
     p: FGEvaluateParams = ctx.params.fg_evaluate
     ds = open_dataset(ctx.path(ctx.params.dataset_dir))
     sketches, photos, q_rows, true_idx = query_rows(ds)
     if len(q_rows) == 0 or len(photos) == 0:
         raise ValueError(f"{ds.root}: no test sketch has its photo in the test split")
-    ck_dir = ctx.stage_dir("fgsbir_joint") / "checkpoints"
-    found = {f.stem: f for f in sorted(ck_dir.glob("*.pt")) if not f.stem.endswith("discriminator")}
-    if not found:
-        raise FileNotFoundError(f"{ck_dir} holds no model checkpoint: run the fgsbir_joint stage first")
-    names = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    checkpoints = model_checkpoints(ctx.input("fgsbir_joint", "checkpoints"))
     emb_dir = ctx.tmp_out / "embeddings"
     emb_dir.mkdir()
     np.save(emb_dir / "true_index.npy", true_idx.numpy())
@@ -99,23 +89,40 @@ def _run_fg_evaluate(ctx) -> dict[str, Any]:
     table: dict[str, dict[str, float]] = {"chance": chance_metrics(len(photos), p.ks)}
     ranks_by: dict[str, np.ndarray] = {}
     embs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name in names:
-        model, blob = load_retrieval_checkpoint(found[name])
+    for name, path in checkpoints.items():
+        model, blob = load_retrieval_checkpoint(path)
         size = blob["arch"].get("image_size")
-        q = embed(model.sketch_encoder, sketches.images[q_rows], p.batch_size, size)
-        g = embed(model.photo_encoder, photos.images, p.batch_size, size)
+        q = embed(model.sketch_encoder, sketches.images[q_rows], size=size, batch=p.batch_size)
+        g = embed(model.photo_encoder, photos.images, size=size, batch=p.batch_size)
         table[name], ranks_by[name] = fine_grained_metrics(q, g, true_idx, p.ks)
         embs[name] = (q, g)
         np.save(emb_dir / f"{name}_query.npy", q.numpy())
         np.save(emb_dir / f"{name}_gallery.npy", g.numpy())
         np.save(emb_dir / f"{name}_ranks.npy", ranks_by[name])
-    # the histogram's data for `dvc plots show`: queries per rank, the last bin = ranks above max_rank_shown
-    from sbir.plots import rank_histogram_rows, write_plot_table
+    write_plots(ctx.tmp_out, p, sketches, photos, q_rows, true_idx, ranks_by, embs, list(checkpoints))
+    metrics: dict[str, Any] = {f"{m}/{k}": round(float(v), 4) for m, vals in table.items() for k, v in vals.items()}
+    if "semi" in table and "supervised" in table:
+        for k in p.ks:
+            metrics[f"semi_minus_supervised/acc@{k}"] = round(table["semi"][f"acc@{k}"] - table["supervised"][f"acc@{k}"], 4)
+    metrics["num_queries"], metrics["gallery_size"] = len(q_rows), len(photos)
+    ctx.write_json("metrics.json", metrics)
+    md = results_markdown(table, p.ks)
+    (ctx.tmp_out / "results_table.md").write_text(md)
+    print(md)
+    return metrics
 
-    write_plot_table(ctx.tmp_out / "rank_histogram.json", "rank", *rank_histogram_rows(ranks_by, p.max_rank_shown))
-    plot_rank_histogram(ranks_by, ctx.tmp_out / "rank_histogram.png", max_rank=p.max_rank_shown,
+
+def write_plots(out: Path, p: FGEvaluateParams, sketches: ImageSet, photos: ImageSet, q_rows: torch.Tensor,
+                true_idx: torch.Tensor, ranks_by: dict[str, np.ndarray],
+                embs: dict[str, tuple[torch.Tensor, torch.Tensor]], names: list[str]) -> None:
+    """The rank histogram (and its data for ``dvc plots show``) and the top-k retrieval grids of evenly
+    spread queries, for the headline model (semi) and the supervised baseline."""
+    from sbir.plots import plot_rank_histogram, plot_retrievals, rank_histogram_rows, write_plot_table
+
+    # queries per rank, the last bin = ranks above max_rank_shown
+    write_plot_table(out / "rank_histogram.json", "rank", *rank_histogram_rows(ranks_by, p.max_rank_shown))
+    plot_rank_histogram(ranks_by, out / "rank_histogram.png", max_rank=p.max_rank_shown,
                         title="rank of the true photo (test sketches -> test photos)")
-    # top-k retrievals of evenly spread queries, for the headline model (semi) and the supervised baseline
     pick = torch.linspace(0, len(q_rows) - 1, min(p.num_retrieval_examples, len(q_rows))).round().long()
     gallery_imgs = [photos.images[i].permute(1, 2, 0).numpy() for i in range(len(photos))]
     for name in [n for n in ("semi", "supervised") if n in embs] or names[:1]:
@@ -123,15 +130,5 @@ def _run_fg_evaluate(ctx) -> dict[str, Any]:
         top = cosine_similarity_matrix(q[pick], g).topk(min(p.top_k_shown, len(photos)), dim=1).indices.numpy()
         correct = top == true_idx[pick].numpy()[:, None]
         plot_retrievals([sketches.images[q_rows[i], 0].numpy() for i in pick.tolist()], gallery_imgs, top, correct,
-                        ctx.tmp_out / f"retrievals_{name}.png",
+                        out / f"retrievals_{name}.png",
                         title=f"{name}: test sketch -> top-{top.shape[1]} test photos (green = its photo)")
-    metrics: dict[str, Any] = {f"{m}/{k}": round(float(v), 4) for m, vals in table.items() for k, v in vals.items()}
-    if "semi" in table and "supervised" in table:
-        for k in p.ks:
-            metrics[f"semi_minus_supervised/acc@{k}"] = round(table["semi"][f"acc@{k}"] - table["supervised"][f"acc@{k}"], 4)
-    metrics["num_queries"], metrics["gallery_size"] = len(q_rows), len(photos)
-    (ctx.tmp_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    md = results_markdown(table, p.ks)
-    (ctx.tmp_out / "results_table.md").write_text(md)
-    print(md)
-    return metrics

@@ -12,17 +12,16 @@ every worker takes the same step. The VAE loss of ``eval_pairs`` *test* pairs is
 anything).
 
 This module also holds the helpers the later fine-grained stages share: the pair indices, the photo
-input of G and the rendering of generated strokes with :func:`sbir.strokes.rasterise` (the one
-rasteriser for real and generated sketches).
+input of G, the rendering of generated strokes with :func:`sbir.strokes.rasterise` (the one
+rasteriser for real and generated sketches), and the loops' optimiser step and curve-point means.
 """
 from __future__ import annotations
 
-import contextlib
-import json
+import functools
 import math
 import time
-from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,21 +31,57 @@ from sbir.data.datasets import ImageSet, load_image_set, pair_index
 from sbir.data.format import open_dataset
 from sbir.fgsbir.params import GeneratorParams
 from sbir.models.backbones import to_float
+from sbir.models.checkpoints import load_generator
 from sbir.models.sketch_generator import PhotoToSketchGenerator, SketchGeneratorConfig
 from sbir.train import runtime as rt
 
 
 # ----------------------------------------------------------------------------- shared helpers
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run a block with ``n`` torch intra-op threads (the stages that work outside Ray use the Ray
-    workers' ``ray.torch_threads_per_worker``: on a busy machine extra threads mostly wait)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+def with_worker_threads(body: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
+    """A stage body run with the Ray workers' torch thread count (``ray.torch_threads_per_worker``), for
+    the work the stage does in the driver process (see :func:`sbir.train.runtime.torch_threads`)."""
+
+    @functools.wraps(body)
+    def run(ctx) -> dict[str, Any]:
+        with rt.torch_threads(ctx.params.ray.torch_threads_per_worker):
+            return body(ctx)
+
+    return run
+
+
+def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, module: torch.nn.Module,
+                   clip: Callable[[], Any] | None = None) -> None:
+    """Backward, average the gradients over workers, clip them after the average (``clip``), step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    rt.sync_gradients(module)
+    if clip is not None:
+        clip()
+    opt.step()
+
+
+class IntervalMeans:
+    """Per-key means of the step metrics since the last curve point, and the seconds per step."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.steps, self.t0 = 0, time.time()
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+    def seconds_per_step(self) -> float:
+        return (time.time() - self.t0) / self.steps
 
 
 def fine_grained_pairs(sketches: ImageSet, photos: ImageSet, labelled_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,15 +139,6 @@ def generator_config(p: GeneratorParams, image_size: int) -> SketchGeneratorConf
         grad_clip=p.grad_clip)
 
 
-def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tuple[PhotoToSketchGenerator, dict[str, Any]]:
-    """G from the checkpoint written by the sketch_generator stage (eval mode)."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = SketchGeneratorConfig(**{**blob["config"], "encoder_channels": tuple(blob["config"]["encoder_channels"])})
-    g = PhotoToSketchGenerator(cfg)
-    g.load_state_dict(blob["model"])
-    return g.to(device).eval(), blob
-
-
 class StrokeBank:
     """Padded stroke-5 tensors of a set of sketches; batches are trimmed to their longest sketch."""
 
@@ -135,10 +161,17 @@ def generator_pairs(ds, split: str, p: GeneratorParams, labelled_only: bool
     photos = load_image_set(ds, "photos", [split])
     sketches = load_image_set(ds, "sketches", [split], with_strokes=True)
     s_rows, p_rows = fine_grained_pairs(sketches, photos, labelled_only)
-    strokes = simplify_all([sketches.strokes[i] if sketches.strokes else None for i in s_rows.tolist()],
-                           p.rdp_epsilon)
+    p_rows, strokes = paired_strokes(sketches, s_rows, p_rows, p.rdp_epsilon)
+    return photos, p_rows, strokes
+
+
+def paired_strokes(sketches: ImageSet, s_rows: torch.Tensor, p_rows: torch.Tensor, epsilon: float
+                   ) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """The pairs (sketch rows ``s_rows``, photo rows ``p_rows``) whose sketch keeps strokes after RDP
+    simplification: (their photo rows, their simplified strokes)."""
+    strokes = simplify_all([sketches.strokes[i] if sketches.strokes else None for i in s_rows.tolist()], epsilon)
     ok = [i for i, s in enumerate(strokes) if s is not None and len(s) > 0]
-    return photos, p_rows[ok], [strokes[i] for i in ok]
+    return p_rows[ok], [strokes[i] for i in ok]
 
 
 def _cosine_factor(step: int, total: int, floor: float) -> float:
@@ -146,75 +179,87 @@ def _cosine_factor(step: int, total: int, floor: float) -> float:
 
 
 # ----------------------------------------------------------------------------- the Ray loop
-def generator_loop(config: dict) -> None:
-    device = rt.setup_worker(config)
-    p = GeneratorParams.model_validate(config["params"])
-    seed = int(config["seed"])
-    torch.manual_seed(seed)
-    rank, world = rt.world()
-    ds = open_dataset(config["dataset_dir"])
+@dataclass
+class GeneratorData:
+    """G's training pairs (a stroke bank and the photo row of each sketch) and the evaluation pairs."""
+
+    bank: StrokeBank
+    photos: torch.Tensor  # G's input (float [0, 1]) of every train photo
+    rows: torch.Tensor  # the photo row of each bank sketch
+    offset_scale: Any  # the pooled std of the simplified training offsets
+    image_size: int
+    eval_bank: StrokeBank | None = None
+    eval_photos: torch.Tensor | None = None
+    eval_rows: torch.Tensor | None = None
+
+
+def load_generator_data(dataset_dir: str, p: GeneratorParams) -> GeneratorData:
+    ds = open_dataset(dataset_dir)
     photos, p_rows, strokes = generator_pairs(ds, "train", p, labelled_only=True)
     if not strokes:
         raise ValueError(f"{ds.root}: no labelled train pair with strokes to train the sketch generator on")
-    bank = StrokeBank(strokes, p.max_len)
-    photo_f = photo_input(photos.images)
-    eval_photos, eval_rows, eval_strokes = (None, None, [])
+    data = GeneratorData(StrokeBank(strokes, p.max_len), photo_input(photos.images), p_rows,
+                         S.stroke3_offset_std(strokes), int(photos.images.shape[-1]))
     if p.eval_pairs > 0:
         t_photos, t_rows, t_strokes = generator_pairs(ds, "test", p, labelled_only=False)
-        eval_photos, eval_rows, eval_strokes = photo_input(t_photos.images), t_rows[: p.eval_pairs], t_strokes[: p.eval_pairs]
-    eval_bank = StrokeBank(eval_strokes, p.max_len) if eval_strokes else None
+        data.eval_photos, data.eval_rows = photo_input(t_photos.images), t_rows[: p.eval_pairs]
+        data.eval_bank = StrokeBank(t_strokes[: p.eval_pairs], p.max_len) if t_strokes[: p.eval_pairs] else None
+    return data
 
-    cfg = generator_config(p, int(photos.images.shape[-1]))
-    scale = S.stroke3_offset_std(strokes)
-    model = PhotoToSketchGenerator(cfg, offset_scale=scale).to(device)
+
+def generator_loop(config: dict) -> None:
+    device = rt.setup_worker(config)
+    p: GeneratorParams = config["params"]
+    seed = int(config["seed"])
+    torch.manual_seed(seed)
+    data = load_generator_data(config["dataset_dir"], p)
+    cfg = generator_config(p, data.image_size)
+    model = PhotoToSketchGenerator(cfg, offset_scale=data.offset_scale).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=p.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_factor(s, p.steps, p.min_lr_ratio))
-    start, history = 0, []
-    state = rt.restore()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, history = state["step"] + 1, state["history"]
+    state = rt.restore_into(model=model, optimizer=opt, scheduler=sched)
+    start, history = (state["step"] + 1, state["history"]) if state else (0, [])
     rt.broadcast_module(model)
-    gen = torch.Generator().manual_seed(seed * 7919 + 17 * rank + start)
-    per_worker = p.batch_size  # per worker, as in the other stages: more workers = a larger global batch
-    run = config.get("mlflow_run")
-    sums: dict[str, float] = {}
-    count, t0 = 0, time.time()
+    gen = torch.Generator().manual_seed(seed * 7919 + 17 * rt.world()[0] + start)
+    interval = IntervalMeans()
     for step in rt.progress(range(start, p.steps), total=p.steps - start, desc="sketch generator"):
-        model.train()
-        idx = torch.randint(0, len(bank), (per_worker,), generator=gen)
-        x, lengths = bank.batch(idx)
-        out = model.loss(photo_f[p_rows[idx]].to(device), x.to(device), lengths.to(device), step=step)
-        terms = {k: out[k] for k in ("total", "gmm_nll", "pen_ce", "kl")}
-        rt.check_finite(terms, step, "sketch_generator")
-        opt.zero_grad(set_to_none=True)
-        out["total"].backward()
-        rt.sync_gradients(model)
-        model.clip_gradients()
-        opt.step()
-        sched.step()
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        count += 1
+        interval.add(train_step(model, opt, sched, data, p, gen, step, device))
         last = step + 1 == p.steps
         if (step + 1) % p.history_every == 0 or last:  # a curve point: an all-reduce, no checkpoint
-            metrics = {f"train_{k}": v / count for k, v in sums.items()}
-            if eval_bank is not None:
-                metrics.update(_eval_loss(model, eval_bank, eval_photos, eval_rows, device))
-            metrics = rt.mean_over_workers(metrics)
-            metrics.update(step=step, seconds_per_step=(time.time() - t0) / count, lr=sched.get_last_lr()[0],
-                           kl_weight=model.kl_weight_at(step))
-            history.append(metrics)
-            if run is not None and rt.is_rank0():
-                run.log_metrics(metrics, step=step)
-            sums, count, t0 = {}, 0, time.time()
+            history.append(curve_point(model, sched, data, interval, step, device))
+            interval.reset()
         if ((step + 1) % p.log_every == 0 and history) or last:  # a report: a barrier + a checkpoint
             rt.report(history[-1], {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "scheduler": sched.state_dict(), "step": step, "history": history,
                                     "params": p.model_dump(mode="json"), "config": cfg.to_dict(),
-                                    "offset_scale": model.offset_scale.tolist(), "num_pairs": len(bank)})
+                                    "offset_scale": model.offset_scale.tolist(), "num_pairs": len(data.bank)})
+
+
+def train_step(model: PhotoToSketchGenerator, opt: torch.optim.Optimizer, sched, data: GeneratorData,
+               p: GeneratorParams, gen: torch.Generator, step: int, device) -> dict[str, float]:
+    """One VAE step on a random batch of ``p.batch_size`` pairs (per worker, as in the other stages:
+    more workers = a larger global batch); gradients clipped after the all-reduce."""
+    model.train()
+    idx = torch.randint(0, len(data.bank), (p.batch_size,), generator=gen)
+    x, lengths = data.bank.batch(idx)
+    out = model.loss(data.photos[data.rows[idx]].to(device), x.to(device), lengths.to(device), step=step)
+    terms = {k: out[k] for k in ("total", "gmm_nll", "pen_ce", "kl")}
+    rt.check_finite(terms, step, "sketch_generator")
+    optimiser_step(opt, out["total"], model, clip=model.clip_gradients)
+    sched.step()
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
+def curve_point(model: PhotoToSketchGenerator, sched, data: GeneratorData, interval: IntervalMeans, step: int,
+                device) -> dict[str, float]:
+    """The mean train losses since the last point and the evaluation pairs' loss, averaged over workers."""
+    metrics = {f"train_{k}": v for k, v in interval.means().items()}
+    if data.eval_bank is not None:
+        metrics.update(_eval_loss(model, data.eval_bank, data.eval_photos, data.eval_rows, device))
+    metrics = rt.mean_over_workers(metrics)
+    metrics.update(step=step, seconds_per_step=interval.seconds_per_step(), lr=sched.get_last_lr()[0],
+                   kl_weight=model.kl_weight_at(step))
+    return metrics
 
 
 @torch.no_grad()
@@ -254,58 +299,51 @@ def draw(model: PhotoToSketchGenerator, photos_u8: torch.Tensor, temperature: fl
     return out_strokes, torch.cat(lps), torch.cat(lens)
 
 
+@with_worker_threads
 def run_sketch_generator(ctx) -> dict[str, Any]:
     """Stage body: train G on Ray; write ``generator.pt``, curves, samples and metrics."""
-    with torch_threads(ctx.params.ray.torch_threads_per_worker):
-        return _run_sketch_generator(ctx)
-
-
-def _run_sketch_generator(ctx) -> dict[str, Any]:
-    from sbir.plots import image_grid, plot_loss_curves
-
     p: GeneratorParams = ctx.params.sketch_generator
     dataset_dir = ctx.path(ctx.params.dataset_dir)
     ds = open_dataset(dataset_dir)  # fail fast, before Ray starts
-    config = {"params": p.model_dump(mode="json"), "seed": ctx.params.seed, "dataset_dir": str(dataset_dir),
-              "mlflow_run": ctx.run}
-    outcome = rt.run_training("sketch_generator", generator_loop, config, ctx.params.ray, ctx.params_digest(p),
-                              resume=ctx.resume)
+    outcome = ctx.train(generator_loop, {"params": p, "seed": ctx.params.seed, "dataset_dir": str(dataset_dir)})
     state = outcome.state
     torch.save({k: state[k] for k in ("model", "optimizer", "scheduler", "step", "params", "config", "offset_scale",
                                       "num_pairs")}, ctx.tmp_out / "generator.pt")
+    metrics = write_samples(ctx, ds, p)
     history = state["history"]
-    (ctx.tmp_out / "history.json").write_text(json.dumps(history, indent=2))
-    keys = [k for k in history[-1] if k.startswith(("train_", "eval_"))]
-    plot_loss_curves({k: [h.get(k, float("nan")) for h in history] for k in keys}, ctx.tmp_out / "curves.png",
-                     title="sketch_generator (VAE loss)", xlabel=f"interval of {p.history_every} steps")
-
-    # samples: test photos, two generated sketches each, the real sketch; one rasteriser for all
-    model, _ = load_generator(ctx.tmp_out / "generator.pt")
-    t_photos, t_rows, t_strokes = generator_pairs(ds, "test", p, labelled_only=False)
-    n = min(p.num_preview, len(t_strokes))
-    size = int(load_image_set(ds, "sketches", ["test"]).images.shape[-1]) if n else 32
-    metrics: dict[str, Any] = {}
-    if n:
-        pick = torch.linspace(0, len(t_strokes) - 1, n).round().long()
-        ph = t_photos.images[t_rows[pick]]
-        gen_a, _, len_a = draw(model, ph, p.preview_temperature, seed=ctx.params.seed,
-                               pen_temperature=p.preview_pen_temperature)
-        gen_b, _, _ = draw(model, ph, p.preview_temperature, seed=ctx.params.seed + 1,
-                           pen_temperature=p.preview_pen_temperature)
-        gen_g, _, _ = draw(model, ph, 1.0, greedy=True)
-        real = [t_strokes[i] for i in pick.tolist()]
-        imgs = [render_sketches(s, size, 1.0) for s in (gen_a, gen_b, gen_g, real)]
-        rows = [[ph[i].permute(1, 2, 0).numpy()] + [im[i, 0].numpy() for im in imgs] for i in range(n)]
-        image_grid(rows, ctx.tmp_out / "samples.png",
-                   col_labels=["photo", f"G T={p.preview_temperature}", f"G T={p.preview_temperature}", "G greedy",
-                               "real"], title="sketch_generator on test photos")
-        metrics["preview_mean_points_generated"] = round(float(np.mean([len(s) for s in gen_a])), 1)
-        metrics["preview_mean_points_real"] = round(float(np.mean([len(s) for s in real])), 1)
     last = history[-1]
-    metrics.update({k: round(float(v), 4) for k, v in last.items() if k.startswith(("train_", "eval_"))})
+    keys = [k for k in last if k.startswith(("train_", "eval_"))]
+    metrics.update({k: round(float(last[k]), 4) for k in keys})
     metrics.update(steps=state["step"] + 1, num_pairs=state["num_pairs"],
                    offset_scale=round(float(state["offset_scale"][0]), 4),
                    seconds_per_step=round(last["seconds_per_step"], 4), train_seconds=round(outcome.seconds, 1),
                    resumed=outcome.resumed)
-    (ctx.tmp_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return ctx.write_training_outputs(history, metrics, curves=keys, title="sketch_generator (VAE loss)",
+                                      xlabel=f"interval of {p.history_every} steps")
+
+
+def write_samples(ctx, ds, p: GeneratorParams) -> dict[str, Any]:
+    """samples.png: test photos, two generated sketches each, a greedy one and the real sketch (one
+    rasteriser for all); returns the preview's mean point counts."""
+    from sbir.plots import image_grid
+
+    model, _ = load_generator(ctx.tmp_out / "generator.pt")
+    t_photos, t_rows, t_strokes = generator_pairs(ds, "test", p, labelled_only=False)
+    n = min(p.num_preview, len(t_strokes))
+    if not n:
+        return {}
+    size = int(load_image_set(ds, "sketches", ["test"]).images.shape[-1])
+    pick = torch.linspace(0, len(t_strokes) - 1, n).round().long()
+    ph = t_photos.images[t_rows[pick]]
+    gen_a, _, _ = draw(model, ph, p.preview_temperature, seed=ctx.params.seed, pen_temperature=p.preview_pen_temperature)
+    gen_b, _, _ = draw(model, ph, p.preview_temperature, seed=ctx.params.seed + 1,
+                       pen_temperature=p.preview_pen_temperature)
+    gen_g, _, _ = draw(model, ph, 1.0, greedy=True)
+    real = [t_strokes[i] for i in pick.tolist()]
+    imgs = [render_sketches(s, size, 1.0) for s in (gen_a, gen_b, gen_g, real)]
+    rows = [[ph[i].permute(1, 2, 0).numpy()] + [im[i, 0].numpy() for im in imgs] for i in range(n)]
+    image_grid(rows, ctx.tmp_out / "samples.png",
+               col_labels=["photo", f"G T={p.preview_temperature}", f"G T={p.preview_temperature}", "G greedy", "real"],
+               title="sketch_generator on test photos")
+    return {"preview_mean_points_generated": round(float(np.mean([len(s) for s in gen_a])), 1),
+            "preview_mean_points_real": round(float(np.mean([len(s) for s in real])), 1)}

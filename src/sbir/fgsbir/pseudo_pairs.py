@@ -18,7 +18,6 @@ real column stays blank when their sketches carry no photo_id) and for test phot
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -27,10 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sbir.data.datasets import load_image_set, pair_index
+from sbir.data.datasets import ImageSet, load_image_set, pair_index
 from sbir.data.format import STROKE3_TYPE, decode_image, encode_png, open_dataset, strokes_from_arrow, strokes_to_arrow
-from sbir.fgsbir.generator_train import draw, load_generator, render_sketches, torch_threads
+from sbir.fgsbir.generator_train import draw, render_sketches, with_worker_threads
 from sbir.fgsbir.params import PseudoPairsParams
+from sbir.models.checkpoints import load_generator
+from sbir.models.sketch_generator import PhotoToSketchGenerator
 
 PSEUDO_SCHEMA = pa.schema([
     ("photo_id", pa.string()),
@@ -80,18 +81,13 @@ def read_pseudo_pairs(path, with_strokes: bool = False) -> dict[str, Any]:
     return out
 
 
+@with_worker_threads
 def run_pseudo_pairs(ctx) -> dict[str, Any]:
-    with torch_threads(ctx.params.ray.torch_threads_per_worker):
-        return _run_pseudo_pairs(ctx)
-
-
-def _run_pseudo_pairs(ctx) -> dict[str, Any]:
+    """Stage body: G draws one sketch per unlabelled train photo; ``pseudo_pairs.parquet``, pairs.png."""
     from sbir.plots import image_grid
 
     p: PseudoPairsParams = ctx.params.pseudo_pairs
-    gen_path = ctx.stage_dir("sketch_generator") / "generator.pt"
-    if not gen_path.is_file():
-        raise FileNotFoundError(f"{gen_path} not found: run the sketch_generator stage first")
+    gen_path = ctx.input("sketch_generator", "generator.pt")
     ds = open_dataset(ctx.path(ctx.params.dataset_dir))
     torch.manual_seed(ctx.params.seed)
     t0 = time.time()
@@ -115,30 +111,8 @@ def _run_pseudo_pairs(ctx) -> dict[str, Any]:
                        loglik, forced)
 
     # preview: unlabelled photos (real sketch only if their sketches keep a photo_id) and test photos
-    real_of = {}
-    pidx = pair_index(sketches, photos)
-    for s, ph in enumerate(pidx.tolist()):
-        if ph >= 0 and ph not in real_of:
-            real_of[ph] = sketches.images[s, 0].numpy()
-    rows, labels = [], []
-    k = max(1, p.num_preview // 2)
-    for j in torch.linspace(0, len(unl) - 1, min(k, len(unl))).round().long().tolist():
-        rows.append([photos.images[unl[j]].permute(1, 2, 0).numpy(), images[j, 0].numpy(), real_of.get(int(unl[j]))])
-        labels.append(f"unlab. {ds.class_names[int(photos.labels[unl[j]])]}")
-    t_photos = load_image_set(ds, "photos", ["test"])
-    t_sketches = load_image_set(ds, "sketches", ["test"])
-    t_pidx = pair_index(t_sketches, t_photos)
-    t_rows = torch.nonzero(t_pidx >= 0).flatten()
-    if len(t_rows):
-        pick = t_rows[torch.linspace(0, len(t_rows) - 1, min(p.num_preview - len(rows), len(t_rows))).round().long()]
-        if len(pick):
-            t_str, _, _ = draw(model, t_photos.images[t_pidx[pick]], p.temperature, greedy=p.greedy, seed=ctx.params.seed,
-                               pen_temperature=p.pen_temperature)
-            t_img = render_sketches(t_str, size, p.line_width)
-            for j, s in enumerate(pick.tolist()):
-                rows.append([t_photos.images[t_pidx[s]].permute(1, 2, 0).numpy(), t_img[j, 0].numpy(),
-                             t_sketches.images[s, 0].numpy()])
-                labels.append(f"test {ds.class_names[int(t_photos.labels[t_pidx[s]])]}")
+    rows, labels = preview_unlabelled(ds, photos, sketches, unl, images, max(1, p.num_preview // 2))
+    preview_test_pairs(ds, model, p, ctx.params.seed, size, p.num_preview - len(rows), rows, labels)
     image_grid(rows, ctx.tmp_out / "pairs.png", row_labels=labels, col_labels=["photo", "generated", "real"],
                title=f"pseudo pairs (T={p.temperature}{', greedy' if p.greedy else ''})")
 
@@ -152,5 +126,41 @@ def _run_pseudo_pairs(ctx) -> dict[str, Any]:
         "mean_ink": round(float(1.0 - images.float().mean() / 255.0), 4),
         "generate_seconds": round(gen_seconds, 1),
     }
-    (ctx.tmp_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    ctx.write_json("metrics.json", metrics)
     return metrics
+
+
+def preview_unlabelled(ds, photos: ImageSet, sketches: ImageSet, unl: torch.Tensor, images: torch.Tensor, k: int
+                       ) -> tuple[list[list], list[str]]:
+    """Rows (photo, generated, real sketch when one keeps that photo_id) for ``k`` spread unlabelled photos."""
+    real_of = {}
+    pidx = pair_index(sketches, photos)
+    for s, ph in enumerate(pidx.tolist()):
+        if ph >= 0 and ph not in real_of:
+            real_of[ph] = sketches.images[s, 0].numpy()
+    rows, labels = [], []
+    for j in torch.linspace(0, len(unl) - 1, min(k, len(unl))).round().long().tolist():
+        rows.append([photos.images[unl[j]].permute(1, 2, 0).numpy(), images[j, 0].numpy(), real_of.get(int(unl[j]))])
+        labels.append(f"unlab. {ds.class_names[int(photos.labels[unl[j]])]}")
+    return rows, labels
+
+
+def preview_test_pairs(ds, model: PhotoToSketchGenerator, p: PseudoPairsParams, seed: int, size: int, k: int,
+                 rows: list[list], labels: list[str]) -> None:
+    """Append up to ``k`` rows (photo, generated, real) of spread test pairs to ``rows`` / ``labels``."""
+    t_photos = load_image_set(ds, "photos", ["test"])
+    t_sketches = load_image_set(ds, "sketches", ["test"])
+    t_pidx = pair_index(t_sketches, t_photos)
+    t_rows = torch.nonzero(t_pidx >= 0).flatten()
+    if not len(t_rows):
+        return
+    pick = t_rows[torch.linspace(0, len(t_rows) - 1, min(k, len(t_rows))).round().long()]
+    if not len(pick):
+        return
+    t_str, _, _ = draw(model, t_photos.images[t_pidx[pick]], p.temperature, greedy=p.greedy, seed=seed,
+                       pen_temperature=p.pen_temperature)
+    t_img = render_sketches(t_str, size, p.line_width)
+    for j, s in enumerate(pick.tolist()):
+        rows.append([t_photos.images[t_pidx[s]].permute(1, 2, 0).numpy(), t_img[j, 0].numpy(),
+                     t_sketches.images[s, 0].numpy()])
+        labels.append(f"test {ds.class_names[int(t_photos.labels[t_pidx[s]])]}")
