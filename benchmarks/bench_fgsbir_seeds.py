@@ -38,16 +38,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     import numpy as np
 
-    from sbir.fgsbir.evaluate import run_fg_evaluate
-    from sbir.fgsbir.generator_train import run_sketch_generator
-    from sbir.fgsbir.joint import run_fgsbir_joint
-    from sbir.fgsbir.pseudo_pairs import run_pseudo_pairs
     from sbir.stage import run_stage
 
     work = Path(args.work).resolve()
     os.environ.setdefault("SBIR_RAY_RESULTS", str(work / "ray_results"))
-    stages = [("sketch_generator", run_sketch_generator), ("pseudo_pairs", run_pseudo_pairs),
-              ("fgsbir_joint", run_fgsbir_joint), ("fg_evaluate", run_fg_evaluate)]
+    stages = ["sketch_generator", "pseudo_pairs", "fgsbir_joint", "fg_evaluate"]
     per_seed: dict[int, dict] = {}
     for seed in args.seeds:
         out = work / f"seed_{seed}"
@@ -55,9 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
                 *([f"ray.num_workers={args.workers}"] if args.workers is not None else []), *args.overrides]
         argv_s = ["--params", args.params, "--no-mlflow", "--restart"] + [x for s in sets for x in ("--set", s)]
         seconds = {}
-        for name, fn in stages:
+        for name in stages:
             t0 = time.time()
-            metrics = run_stage(name, fn, argv=argv_s)
+            metrics = run_stage(name, argv_s)
             seconds[name] = round(time.time() - t0, 1)
         per_seed[seed] = {"metrics": metrics, "seconds": seconds}
         print(f"seed {seed}: " + ", ".join(f"{k} {v} s" for k, v in seconds.items()), flush=True)

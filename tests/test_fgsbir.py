@@ -15,8 +15,9 @@ import yaml
 from sbir.data.datasets import ImageSet
 from sbir.fgsbir.evaluate import chance_metrics, fine_grained_metrics
 from sbir.fgsbir.generator_train import fine_grained_pairs, render_sketches, simplify_all
-from sbir.fgsbir.joint import (PairDiscriminator, consistency_loss, discriminator_weights, initial_model,
-                               random_shift, retrieval_reward, sample_negatives, triplet_loss, variant_specs)
+from sbir.fgsbir.joint import PairDiscriminator, initial_model, random_shift, variant_specs
+from sbir.fgsbir.losses import (consistency_loss, discriminator_loss, discriminator_weights, retrieval_reward,
+                                sample_negatives, triplet_loss)
 from sbir.fgsbir.params import FGJointParams
 
 
@@ -74,6 +75,15 @@ def test_consistency_loss_matches_manual_kl_and_grads_only_student():
     t_leaf = ts.clone().requires_grad_(True)
     consistency_loss(ss, sp, t_leaf, tp, tau).backward()
     assert ss.grad is not None and sp.grad is not None and t_leaf.grad is None
+
+
+def test_discriminator_loss_real_fake_and_mismatched():
+    real, fake, mis = torch.tensor([2.0, 1.0]), torch.tensor([-1.0, 0.5]), torch.tensor([0.0, -3.0])
+    base = (F.binary_cross_entropy_with_logits(real, torch.ones(2))
+            + F.binary_cross_entropy_with_logits(fake, torch.zeros(2)))
+    assert torch.equal(discriminator_loss(real, fake), base)
+    assert torch.equal(discriminator_loss(real, fake, mis),
+                       base + F.binary_cross_entropy_with_logits(mis, torch.zeros(2)))
 
 
 def test_retrieval_reward():
@@ -183,12 +193,13 @@ def test_data_free_init_loads_students(tmp_path):
     torch.save({"students": students.state_dict(), "params": p.model_dump(mode="json")}, path)
     photos = torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8)
     sketches = torch.randint(0, 255, (4, 1, 16, 16), dtype=torch.uint8)
-    model, arch = initial_model({"init": "data_free", "students_path": str(path)}, photos, sketches)
+    model, arch = initial_model("data_free", photos, sketches, students_path=path)
     assert arch == {"backbone": p.student.backbone.model_dump(mode="json"), "embed_dim": 16,
                     "head": p.student.head, "image_size": 16}
     for (k, a), b in zip(model.state_dict().items(), students.state_dict().values()):
         assert torch.equal(a, b), k
-    scratch, _ = initial_model({"init": "scratch", "scratch_arch": arch}, photos, sketches)
+    scratch, scratch_arch = initial_model("scratch", photos, sketches, student=p.student)
+    assert scratch_arch == arch
     assert not torch.equal(scratch.photo_encoder.backbone.features[0].weight,
                            students.photo_encoder.backbone.features[0].weight)
 
@@ -209,10 +220,8 @@ TINY_PARAMS = {
 
 
 def test_tiny_pipeline_end_to_end(tiny_dataset, tmp_path):
-    from sbir.fgsbir.evaluate import run_fg_evaluate
-    from sbir.fgsbir.generator_train import load_generator, run_sketch_generator
-    from sbir.fgsbir.joint import load_retrieval_checkpoint, run_fgsbir_joint
-    from sbir.fgsbir.pseudo_pairs import read_pseudo_pairs, run_pseudo_pairs
+    from sbir.fgsbir.pseudo_pairs import read_pseudo_pairs
+    from sbir.models.checkpoints import load_generator, load_retrieval_checkpoint
     from sbir.stage import run_stage
 
     out = tmp_path / "outputs"
@@ -221,13 +230,13 @@ def test_tiny_pipeline_end_to_end(tiny_dataset, tmp_path):
     pfile.write_text(yaml.safe_dump(params))
     argv = ["--params", str(pfile), "--no-mlflow"]
 
-    m = run_stage("sketch_generator", run_sketch_generator, argv=argv)
+    m = run_stage("sketch_generator", argv)
     assert m["steps"] == 4 and m["num_pairs"] > 0 and math.isfinite(m["train_total"])
     g, blob = load_generator(out / "sketch_generator/generator.pt")
     assert blob["config"]["max_len"] == 20 and float(g.offset_scale[0]) > 0
     assert (out / "sketch_generator/samples.png").stat().st_size > 0
 
-    m = run_stage("pseudo_pairs", run_pseudo_pairs, argv=argv)
+    m = run_stage("pseudo_pairs", argv)
     table = pq.read_table(out / "pseudo_pairs/pseudo_pairs.parquet")
     photos = pq.read_table(tiny_dataset / "photos.parquet", columns=["id", "split", "labelled"]).to_pylist()
     unlabelled = {r["id"] for r in photos if r["split"] == "train" and not r["labelled"]}
@@ -236,7 +245,7 @@ def test_tiny_pipeline_end_to_end(tiny_dataset, tmp_path):
     pseudo = read_pseudo_pairs(out / "pseudo_pairs/pseudo_pairs.parquet", with_strokes=True)
     assert pseudo["images"].shape[1:] == (1, 32, 32) and len(pseudo["strokes"]) == len(unlabelled)
 
-    m = run_stage("fgsbir_joint", run_fgsbir_joint, argv=argv)
+    m = run_stage("fgsbir_joint", argv)
     for name in ("supervised_pretrain", "supervised", "full_pretrain", "full", "semi", "semi_no_weighting",
                  "semi_oracle_sketches"):
         model, ck = load_retrieval_checkpoint(out / f"fgsbir_joint/checkpoints/{name}.pt")
@@ -245,7 +254,7 @@ def test_tiny_pipeline_end_to_end(tiny_dataset, tmp_path):
     scores = pq.read_table(out / "fgsbir_joint/pseudo_scores.parquet").column("discriminator_score").to_numpy()
     assert len(scores) == len(unlabelled) and np.all((scores >= 0) & (scores <= 1))
 
-    m = run_stage("fg_evaluate", run_fg_evaluate, argv=argv)
+    m = run_stage("fg_evaluate", argv)
     for name in ("chance", "supervised", "semi", "full", "semi_no_weighting"):
         for k in (1, 5, 10):
             assert 0.0 <= m[f"{name}/acc@{k}"] <= 1.0
@@ -262,11 +271,10 @@ def test_tiny_pipeline_end_to_end(tiny_dataset, tmp_path):
 
 
 def test_joint_needs_earlier_outputs(tiny_dataset, tmp_path):
-    from sbir.fgsbir.joint import run_fgsbir_joint
     from sbir.stage import run_stage
 
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump({"dataset_dir": str(tiny_dataset), "outputs_dir": str(tmp_path / "o"),
                                      "ray": {"num_workers": 0}}))
     with pytest.raises(FileNotFoundError, match="students.pt"):
-        run_stage("fgsbir_joint", run_fgsbir_joint, argv=["--params", str(pfile), "--no-mlflow"])
+        run_stage("fgsbir_joint", ["--params", str(pfile), "--no-mlflow"])
