@@ -15,9 +15,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sbir.data.datasets import ImageSet, load_image_set, pair_index
+from sbir.data.datasets import ImageSet
 from sbir.data.format import open_dataset
-from sbir.fgsbir.generator_train import with_worker_threads
+from sbir.fgsbir.generator_train import split_pairs, with_worker_threads
 from sbir.fgsbir.params import FGEvaluateParams
 from sbir.metrics import accuracy_at_k, cosine_similarity_matrix, true_match_ranks
 from sbir.models.backbones import embed
@@ -45,15 +45,6 @@ def chance_metrics(gallery_size: int, ks: Sequence[int]) -> dict[str, float]:
     return out
 
 
-def query_rows(ds) -> tuple[ImageSet, ImageSet, torch.Tensor, torch.Tensor]:
-    """(test sketches, test photos, query sketch rows, their true photo rows)."""
-    sketches = load_image_set(ds, "sketches", ["test"])
-    photos = load_image_set(ds, "photos", ["test"])
-    pidx = pair_index(sketches, photos)
-    q = torch.nonzero(pidx >= 0).flatten()
-    return sketches, photos, q, pidx[q]
-
-
 def results_markdown(table: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
     keys = [f"acc@{k}" for k in ks] + ["mean_rank"]
     lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -77,7 +68,7 @@ def run_fg_evaluate(ctx) -> dict[str, Any]:
     """Stage body: Acc@K and ranks of every F variant; embeddings, rank histogram, retrieval grids."""
     p: FGEvaluateParams = ctx.params.fg_evaluate
     ds = open_dataset(ctx.path(ctx.params.dataset_dir))
-    sketches, photos, q_rows, true_idx = query_rows(ds)
+    sketches, photos, q_rows, true_idx = split_pairs(ds, "test")
     if len(q_rows) == 0 or len(photos) == 0:
         raise ValueError(f"{ds.root}: no test sketch has its photo in the test split")
     checkpoints = model_checkpoints(ctx.input("fgsbir_joint", "checkpoints"))

@@ -100,6 +100,15 @@ def fine_grained_pairs(sketches: ImageSet, photos: ImageSet, labelled_only: bool
     return s_rows, pidx[s_rows]
 
 
+def split_pairs(ds, split: str) -> tuple[ImageSet, ImageSet, torch.Tensor, torch.Tensor]:
+    """(sketches and photos of ``split``, the rows of the sketches whose photo is in the split, their photo
+    rows): the queries and true matches of fine-grained retrieval."""
+    sketches = load_image_set(ds, "sketches", [split])
+    photos = load_image_set(ds, "photos", [split])
+    s_rows, p_rows = fine_grained_pairs(sketches, photos, labelled_only=False)
+    return sketches, photos, s_rows, p_rows
+
+
 def photo_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 photos (N,3,H,W) -> G's input: float in [0, 1]."""
     return to_float(images)
@@ -335,7 +344,8 @@ def write_samples(ctx, ds, p: GeneratorParams) -> dict[str, Any]:
     size = int(load_image_set(ds, "sketches", ["test"]).images.shape[-1])
     pick = torch.linspace(0, len(t_strokes) - 1, n).round().long()
     ph = t_photos.images[t_rows[pick]]
-    gen_a, _, _ = draw(model, ph, p.preview_temperature, seed=ctx.params.seed, pen_temperature=p.preview_pen_temperature)
+    gen_a, _, _ = draw(model, ph, p.preview_temperature, seed=ctx.params.seed,
+                       pen_temperature=p.preview_pen_temperature)
     gen_b, _, _ = draw(model, ph, p.preview_temperature, seed=ctx.params.seed + 1,
                        pen_temperature=p.preview_pen_temperature)
     gen_g, _, _ = draw(model, ph, 1.0, greedy=True)

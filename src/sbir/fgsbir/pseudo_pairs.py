@@ -28,7 +28,7 @@ import torch
 
 from sbir.data.datasets import ImageSet, load_image_set, pair_index
 from sbir.data.format import STROKE3_TYPE, decode_image, encode_png, open_dataset, strokes_from_arrow, strokes_to_arrow
-from sbir.fgsbir.generator_train import draw, render_sketches, with_worker_threads
+from sbir.fgsbir.generator_train import draw, render_sketches, split_pairs, with_worker_threads
 from sbir.fgsbir.params import PseudoPairsParams
 from sbir.models.checkpoints import load_generator
 from sbir.models.sketch_generator import PhotoToSketchGenerator
@@ -146,21 +146,19 @@ def preview_unlabelled(ds, photos: ImageSet, sketches: ImageSet, unl: torch.Tens
 
 
 def preview_test_pairs(ds, model: PhotoToSketchGenerator, p: PseudoPairsParams, seed: int, size: int, k: int,
-                 rows: list[list], labels: list[str]) -> None:
+                       rows: list[list], labels: list[str]) -> None:
     """Append up to ``k`` rows (photo, generated, real) of spread test pairs to ``rows`` / ``labels``."""
-    t_photos = load_image_set(ds, "photos", ["test"])
-    t_sketches = load_image_set(ds, "sketches", ["test"])
-    t_pidx = pair_index(t_sketches, t_photos)
-    t_rows = torch.nonzero(t_pidx >= 0).flatten()
+    t_sketches, t_photos, t_rows, t_photo_rows = split_pairs(ds, "test")
     if not len(t_rows):
         return
-    pick = t_rows[torch.linspace(0, len(t_rows) - 1, min(k, len(t_rows))).round().long()]
+    spread = torch.linspace(0, len(t_rows) - 1, min(k, len(t_rows))).round().long()
+    pick, pick_photos = t_rows[spread], t_photo_rows[spread]
     if not len(pick):
         return
-    t_str, _, _ = draw(model, t_photos.images[t_pidx[pick]], p.temperature, greedy=p.greedy, seed=seed,
+    t_str, _, _ = draw(model, t_photos.images[pick_photos], p.temperature, greedy=p.greedy, seed=seed,
                        pen_temperature=p.pen_temperature)
     t_img = render_sketches(t_str, size, p.line_width)
-    for j, s in enumerate(pick.tolist()):
-        rows.append([t_photos.images[t_pidx[s]].permute(1, 2, 0).numpy(), t_img[j, 0].numpy(),
+    for j, (s, ph) in enumerate(zip(pick.tolist(), pick_photos.tolist())):
+        rows.append([t_photos.images[ph].permute(1, 2, 0).numpy(), t_img[j, 0].numpy(),
                      t_sketches.images[s, 0].numpy()])
-        labels.append(f"test {ds.class_names[int(t_photos.labels[t_pidx[s]])]}")
+        labels.append(f"test {ds.class_names[int(t_photos.labels[ph])]}")
