@@ -14,7 +14,8 @@ import yaml
 
 from sbir.data.datasets import ImageSet
 from sbir.fgsbir.evaluate import chance_metrics, fine_grained_metrics
-from sbir.fgsbir.generator_train import fine_grained_pairs, render_sketches, simplify_all
+from sbir.data.datasets import fine_grained_pairs
+from sbir.fgsbir.generator_train import render_sketches, simplify_all
 from sbir.fgsbir.joint import PairDiscriminator, initial_model, random_shift, variant_specs
 from sbir.fgsbir.losses import (consistency_loss, discriminator_loss, discriminator_weights, retrieval_reward,
                                 sample_negatives, triplet_loss)

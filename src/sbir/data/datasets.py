@@ -212,3 +212,28 @@ class Stroke5Dataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = int(self.photo_rows[i])
         return to_float_images(self.photos.images[p : p + 1])[0], self.sequences[i], self.lengths[i]
+
+
+def fine_grained_pairs(sketches: ImageSet, photos: ImageSet, labelled_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sketch rows, photo rows) of the sketch-photo pairs.
+
+    ``labelled_only``: only pairs whose photo is flagged ``labelled`` (the labelled share); otherwise
+    every sketch whose ``photo_id`` is a photo of ``photos`` (the fully supervised upper bound).
+    """
+    pidx = pair_index(sketches, photos)
+    keep = pidx >= 0
+    if labelled_only:
+        if photos.labelled is None:
+            raise ValueError("photos carry no 'labelled' flag")
+        keep &= photos.labelled[pidx.clamp_min(0)]
+    s_rows = torch.nonzero(keep).flatten()
+    return s_rows, pidx[s_rows]
+
+
+def split_pairs(ds, split: str) -> tuple[ImageSet, ImageSet, torch.Tensor, torch.Tensor]:
+    """(sketches and photos of ``split``, the rows of the sketches whose photo is in the split, their photo
+    rows): the queries and true matches of fine-grained retrieval."""
+    sketches = load_image_set(ds, "sketches", [split])
+    photos = load_image_set(ds, "photos", [split])
+    s_rows, p_rows = fine_grained_pairs(sketches, photos, labelled_only=False)
+    return sketches, photos, s_rows, p_rows

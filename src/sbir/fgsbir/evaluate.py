@@ -15,13 +15,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sbir.data.datasets import ImageSet
+from sbir.data.datasets import ImageSet, split_pairs
 from sbir.data.format import open_dataset
-from sbir.fgsbir.generator_train import split_pairs, with_worker_threads
 from sbir.fgsbir.params import FGEvaluateParams
 from sbir.metrics import accuracy_at_k, cosine_similarity_matrix, true_match_ranks
 from sbir.models.backbones import embed
 from sbir.models.checkpoints import load_retrieval_checkpoint
+from sbir.train import runtime as rt
 
 ORDER = ["supervised", "semi", "full", "semi_no_weighting", "semi_no_consistency", "semi_no_policy_gradient",
          "semi_no_pseudo_triplet", "supervised_pretrain", "full_pretrain"]
@@ -63,7 +63,7 @@ def model_checkpoints(ck_dir: Path) -> dict[str, Path]:
     return {n: found[n] for n in names}
 
 
-@with_worker_threads
+@rt.with_worker_threads
 def run_fg_evaluate(ctx) -> dict[str, Any]:
     """Stage body: Acc@K and ranks of every F variant; embeddings, rank histogram, retrieval grids."""
     p: FGEvaluateParams = ctx.params.fg_evaluate

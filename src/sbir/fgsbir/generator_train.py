@@ -17,7 +17,6 @@ rasteriser for real and generated sketches), and the loops' optimiser step and c
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from sbir import strokes as S
-from sbir.data.datasets import ImageSet, load_image_set, pair_index
+from sbir.data.datasets import ImageSet, fine_grained_pairs, load_image_set
 from sbir.data.format import open_dataset
 from sbir.fgsbir.params import GeneratorParams
 from sbir.models.backbones import to_float
@@ -37,18 +36,6 @@ from sbir.train import runtime as rt
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def with_worker_threads(body: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
-    """A stage body run with the Ray workers' torch thread count (``ray.torch_threads_per_worker``), for
-    the work the stage does in the driver process (see :func:`sbir.train.runtime.torch_threads`)."""
-
-    @functools.wraps(body)
-    def run(ctx) -> dict[str, Any]:
-        with rt.torch_threads(ctx.params.ray.torch_threads_per_worker):
-            return body(ctx)
-
-    return run
-
-
 def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, module: torch.nn.Module,
                    clip: Callable[[], Any] | None = None) -> None:
     """Backward, average the gradients over workers, clip them after the average (``clip``), step."""
@@ -82,31 +69,6 @@ class IntervalMeans:
 
     def seconds_per_step(self) -> float:
         return (time.time() - self.t0) / self.steps
-
-
-def fine_grained_pairs(sketches: ImageSet, photos: ImageSet, labelled_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sketch rows, photo rows) of the sketch-photo pairs.
-
-    ``labelled_only``: only pairs whose photo is flagged ``labelled`` (the labelled share); otherwise
-    every sketch whose ``photo_id`` is a photo of ``photos`` (the fully supervised upper bound).
-    """
-    pidx = pair_index(sketches, photos)
-    keep = pidx >= 0
-    if labelled_only:
-        if photos.labelled is None:
-            raise ValueError("photos carry no 'labelled' flag")
-        keep &= photos.labelled[pidx.clamp_min(0)]
-    s_rows = torch.nonzero(keep).flatten()
-    return s_rows, pidx[s_rows]
-
-
-def split_pairs(ds, split: str) -> tuple[ImageSet, ImageSet, torch.Tensor, torch.Tensor]:
-    """(sketches and photos of ``split``, the rows of the sketches whose photo is in the split, their photo
-    rows): the queries and true matches of fine-grained retrieval."""
-    sketches = load_image_set(ds, "sketches", [split])
-    photos = load_image_set(ds, "photos", [split])
-    s_rows, p_rows = fine_grained_pairs(sketches, photos, labelled_only=False)
-    return sketches, photos, s_rows, p_rows
 
 
 def photo_input(images: torch.Tensor) -> torch.Tensor:
@@ -308,7 +270,7 @@ def draw(model: PhotoToSketchGenerator, photos_u8: torch.Tensor, temperature: fl
     return out_strokes, torch.cat(lps), torch.cat(lens)
 
 
-@with_worker_threads
+@rt.with_worker_threads
 def run_sketch_generator(ctx) -> dict[str, Any]:
     """Stage body: train G on Ray; write ``generator.pt``, curves, samples and metrics."""
     p: GeneratorParams = ctx.params.sketch_generator

@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sbir.config import StudentParams
-from sbir.data.datasets import load_image_set
+from sbir.data.datasets import fine_grained_pairs, load_image_set
 from sbir.data.format import open_dataset
-from sbir.fgsbir.generator_train import (IntervalMeans, StrokeBank, fine_grained_pairs, optimiser_step,
+from sbir.fgsbir.generator_train import (IntervalMeans, StrokeBank, optimiser_step,
                                          paired_strokes, photo_input, render_sketches)
 from sbir.fgsbir.losses import (consistency_loss, discriminator_loss, discriminator_weights, retrieval_reward,
                                 sample_negatives, triplet_loss)

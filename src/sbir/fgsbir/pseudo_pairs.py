@@ -26,12 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sbir.data.datasets import ImageSet, load_image_set, pair_index
+from sbir.data.datasets import ImageSet, load_image_set, pair_index, split_pairs
 from sbir.data.format import STROKE3_TYPE, decode_image, encode_png, open_dataset, strokes_from_arrow, strokes_to_arrow
-from sbir.fgsbir.generator_train import draw, render_sketches, split_pairs, with_worker_threads
+from sbir.fgsbir.generator_train import draw, render_sketches
 from sbir.fgsbir.params import PseudoPairsParams
 from sbir.models.checkpoints import load_generator
 from sbir.models.sketch_generator import PhotoToSketchGenerator
+from sbir.train import runtime as rt
 
 PSEUDO_SCHEMA = pa.schema([
     ("photo_id", pa.string()),
@@ -81,7 +82,7 @@ def read_pseudo_pairs(path, with_strokes: bool = False) -> dict[str, Any]:
     return out
 
 
-@with_worker_threads
+@rt.with_worker_threads
 def run_pseudo_pairs(ctx) -> dict[str, Any]:
     """Stage body: G draws one sketch per unlabelled train photo; ``pseudo_pairs.parquet``, pairs.png."""
     from sbir.plots import image_grid

@@ -17,6 +17,7 @@ was started with the same params hash; otherwise it starts clean.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -523,3 +524,15 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def with_worker_threads(body: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
+    """A stage body run with the Ray workers' torch thread count (``ray.torch_threads_per_worker``), for
+    the work the stage does in the driver process (see :func:`torch_threads`)."""
+
+    @functools.wraps(body)
+    def run(ctx) -> dict[str, Any]:
+        with torch_threads(ctx.params.ray.torch_threads_per_worker):
+            return body(ctx)
+
+    return run
