@@ -48,7 +48,36 @@ def test_small_cnn_chain_writes_every_output(tmp_path, tiny_dataset):
               "evaluate/embeddings/crossx_dfl_query.npy"):
         assert (out / f).is_file(), f
     rows = json.loads((out / "evaluate/pr_curve.json").read_text())
-    assert {r["method"] for r in rows} == {"classifier_only", "crossx_dfl", "upper_bound"}
+    classifier_variants = {"classifier_only", "classifier_only_t0.5", "classifier_only_t2", "classifier_only_t4",
+                           "classifier_only_logits"}
+    assert {r["method"] for r in rows} == classifier_variants | {"crossx_dfl", "upper_bound"}
+    # the baseline to beat is the best classifier-only variant, named, with its own metrics
+    best = metrics["classifier_only_best_variant"]
+    assert best in classifier_variants
+    assert metrics["classifier_only_best/mAP@all"] == max(metrics[f"{v}/mAP@all"] for v in classifier_variants)
+    assert metrics["crossx_dfl_minus_classifier_only_best"] == pytest.approx(
+        metrics["crossx_dfl/mAP@all"] - metrics["classifier_only_best/mAP@all"], abs=2e-4)
+
+
+def test_classifier_only_variants_share_logits_and_temper_them():
+    import torch
+
+    from sbir.dfsbir.evaluate import classifier_embeddings
+    from sbir.data.datasets import ImageSet
+
+    class Teachers:  # the sketch teacher sees sketches, the photo teacher photos: fixed logits per image
+        sketch_teacher = staticmethod(lambda x: x.mean(dim=(2, 3))[:, :2] * 4)
+        photo_teacher = staticmethod(lambda x: x.mean(dim=(2, 3))[:, :2] * 4)
+
+    images = torch.randint(0, 255, (5, 3, 8, 8), dtype=torch.uint8)
+    s = ImageSet(images=images, labels=torch.zeros(5, dtype=torch.long), ids=[str(i) for i in range(5)])
+    out = classifier_embeddings(Teachers(), s, s, 8, 2, [0.5, 1.0, 4.0], logits=True)
+    assert set(out) == {"classifier_only_t0.5", "classifier_only", "classifier_only_t4", "classifier_only_logits"}
+    logits = out["classifier_only_logits"][0]
+    assert torch.allclose(out["classifier_only"][0], logits.softmax(1))
+    assert torch.allclose(out["classifier_only_t4"][0], (logits / 4).softmax(1))
+    # a lower temperature sharpens: the top class gets more mass
+    assert (out["classifier_only_t0.5"][0].max(1).values >= out["classifier_only_t4"][0].max(1).values).all()
 
 
 def test_resnet18_path_by_params_only(tmp_path, tiny_dataset):

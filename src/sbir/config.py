@@ -156,6 +156,9 @@ class EvaluateParams(Params):
     precision_ks: list[int] = [100, 200]
     num_retrieval_examples: int = Field(6, ge=1)
     batch_size: int = Field(256, ge=1)
+    classifier_temperatures: list[float] = Field([0.5, 1.0, 2.0, 4.0], min_length=1,
+                                                 description="classifier-only baselines: softmax(logits / T) per T")
+    classifier_logits: bool = Field(True, description="also the classifier-only baseline over raw logits")
 
 
 class Root(Params):
