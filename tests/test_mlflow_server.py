@@ -89,7 +89,7 @@ def test_stage_logs_to_tracking_server_and_reads_back_over_rest(mlflow_server, t
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, SBIR_MLFLOW_URI=mlflow_server, SBIR_RAY_RESULTS=str(tmp_path / "ray_results"),
                PATH=f"{BIN}:{os.environ['PATH']}")
-    proc = subprocess.run([sys.executable, str(REPO / "stages" / "teacher_pretrain.py"), "--params",
+    proc = subprocess.run([sys.executable, "-m", "sbir", "run", "teacher_pretrain", "--params",
                            str(tmp_path / "params.yaml")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
