@@ -170,7 +170,7 @@ def read_bank(path: str) -> dict[str, torch.Tensor]:
     for c in ("condition", "photo_teacher_label", "sketch_teacher_label"):
         out[c] = torch.from_numpy(table.column(c).to_numpy().astype(np.int64))
     for c in ("photo_teacher_conf", "sketch_teacher_conf"):
-        out[c] = torch.from_numpy(table.column(c).to_numpy())
+        out[c] = torch.from_numpy(table.column(c).to_numpy().copy())  # writable: Arrow hands out a read-only view
     return out
 
 
