@@ -48,7 +48,7 @@ BASE_PARAMS: dict[str, Any] = {
     "teacher_pretrain": {"epochs": 3, "batch_size": 32},
     "reconstruct": {"steps": 20, "batch_size": 32, "log_every": 10, "bank_size": 64},
     "distill": {"rounds": 10, "student_steps": 2, "batch_size": 32, "log_every": 5},
-    "upper_bound": {"rounds": 10},
+    "upper_bound": {"max_steps": 40, "eval_every": 20, "batch_size": 32},
     "sketch_generator": {"steps": 30, "batch_size": 16, "log_every": 15, "history_every": 5, "eval_pairs": 16,
                          "num_preview": 2, "kl_anneal_steps": 30},
     "pseudo_pairs": {"num_preview": 4},
@@ -56,7 +56,7 @@ BASE_PARAMS: dict[str, Any] = {
                      "log_every": 10, "history_every": 5, "discriminator": {"warmup_steps": 5},
                      "policy_gradient": {"every": 2, "batch_size": 8}},
 }
-SCALED = {"teacher_pretrain": ["epochs"], "reconstruct": ["steps"], "distill": ["rounds"], "upper_bound": ["rounds"],
+SCALED = {"teacher_pretrain": ["epochs"], "reconstruct": ["steps"], "distill": ["rounds"], "upper_bound": ["max_steps"],
           "sketch_generator": ["steps"], "fgsbir_joint": ["supervised_steps", "joint_steps"]}
 
 
@@ -69,10 +69,11 @@ def samples_processed(stage: str, root: Any, workers: int, num_train_photos: int
         return p.epochs * steps * p.batch_size * w  # photos (as many sketches go through the sketch teacher)
     if stage == "reconstruct":
         return root.reconstruct.steps * root.reconstruct.batch_size * w  # generated pairs
-    if stage in ("distill", "upper_bound"):
+    if stage == "distill":
         p = root.distill
-        rounds = p.rounds if stage == "distill" or root.upper_bound.rounds is None else root.upper_bound.rounds
-        return rounds * p.student_steps * p.batch_size * w  # student pairs
+        return p.rounds * p.student_steps * p.batch_size * w  # student pairs
+    if stage == "upper_bound":
+        return root.upper_bound.max_steps * root.upper_bound.batch_size * w  # real pairs (an upper limit: it may stop early)
     if stage == "sketch_generator":
         return root.sketch_generator.steps * root.sketch_generator.batch_size * w  # photo-sketch pairs
     if stage == "fgsbir_joint":

@@ -109,7 +109,7 @@ def test_estimator_objective_gradient_reaches_estimators_only():
     z, y = estimators.sample_inputs(8)
     x_p, x_s = estimators(z, y)
     objective = EstimatorObjective(teachers, rp, adversarial_weight=1.0)  # as distill builds it
-    total, terms, _ = objective(x_p, x_s, y, z, students, torch.randn(C, 8))
+    total, terms, _ = objective(x_p, x_s, y, z, students, (torch.randn(C, 8),) * 2)
     assert set(terms) == {"semantic_ce", "class_balance", "activation", "modality", "class_alignment", "diversity",
                           "bn_prior", "adversarial"}
     total.backward()

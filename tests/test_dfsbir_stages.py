@@ -20,7 +20,8 @@ def _params(tmp_path, dataset, backbone: dict, image_size: int) -> str:
                         "latent_dim": 8},
         "distill": {"student": {"backbone": backbone, "embed_dim": 16}, "rounds": 2, "student_steps": 1,
                     "batch_size": 8, "log_every": 1},
-        "upper_bound": {"rounds": 2},
+        "upper_bound": {"student": {"backbone": backbone, "embed_dim": 16}, "max_steps": 4, "eval_every": 2,
+                        "batch_size": 8},
         "evaluate": {"map_ks": [10], "precision_ks": [5]},
     }
     path = tmp_path / "params.yaml"

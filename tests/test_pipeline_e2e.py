@@ -21,7 +21,7 @@ TINY = {
     "teacher_pretrain": {"epochs": 2, "batch_size": 32},
     "reconstruct": {"steps": 4, "batch_size": 16, "log_every": 2, "bank_size": 64},
     "distill": {"rounds": 4, "student_steps": 2, "batch_size": 16, "log_every": 2},
-    "upper_bound": {"rounds": 2},
+    "upper_bound": {"max_steps": 4, "eval_every": 2},
     "evaluate": {"map_ks": [20], "precision_ks": [10, 20]},
     "sketch_generator": {"steps": 4, "batch_size": 8, "log_every": 2, "eval_pairs": 8, "num_preview": 4},
     "fgsbir_joint": {"supervised_steps": 4, "joint_steps": 4, "batch_size": 8, "pseudo_batch_size": 8, "log_every": 2,

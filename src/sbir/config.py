@@ -120,21 +120,28 @@ class DistillLossWeights(Params):
     cross_modal: float = Field(1.0, ge=0)
 
 
-class DistillParams(Params):
+class StudentTrainingParams(Params):
+    """What distill's students and the upper bound share: the student networks and their losses."""
+
     student: StudentParams = StudentParams()
-    rounds: int = Field(100, ge=1, description="adversarial alternation rounds")
-    estimator_steps: int = Field(1, ge=0, description="k: estimator steps per round")
-    student_steps: int = Field(4, ge=1, description="m: student steps per round")
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
-    estimator_lr: float = Field(1e-4, gt=0)
-    proxy_init: Literal["photo_teacher", "sketch_teacher", "random"] = "photo_teacher"
+    proxy_init: Literal["photo_teacher", "sketch_teacher", "random", "per_modality"] = Field(
+        "photo_teacher", description="shared proxies from one teacher's final-layer rows (or random); "
+                                     "per_modality: each student's own teacher's rows (the paper)")
     proxy_lr_scale: float = Field(10.0, ge=0, description="proxy lr = lr * scale; 0 freezes them")
     proxy_margin: float = Field(0.1, ge=0)
     proxy_alpha: float = Field(32.0, gt=0)
     kd_temperature: float = Field(4.0, gt=0)
     triplet_margin: float = Field(0.2, ge=0)
     weights: DistillLossWeights = DistillLossWeights()
+
+
+class DistillParams(StudentTrainingParams):
+    rounds: int = Field(100, ge=1, description="adversarial alternation rounds")
+    estimator_steps: int = Field(1, ge=0, description="k: estimator steps per round")
+    student_steps: int = Field(4, ge=1, description="m: student steps per round")
+    estimator_lr: float = Field(1e-4, gt=0)
     bank_capacity: int = Field(16384, ge=1)
     replay_fraction: float = Field(0.5, ge=0, le=1, description="share of each student batch drawn from the bank")
     log_every: int = Field(25, ge=1)
@@ -144,11 +151,19 @@ class DistillParams(Params):
     adversarial_bound: float = Field(2.0, gt=0, description="the hardness term is clamped at this KL")
 
 
-class UpperBoundParams(Params):
-    """The data-dependent upper bound reuses distill's students, losses and loop on real pairs."""
+class UpperBoundParams(StudentTrainingParams):
+    """The data-dependent upper bound: the students' architecture with every layer trained on the real
+    training pairs (labels known), with augmentation, until its validation curve is flat."""
 
-    rounds: int | None = Field(None, ge=1, description="rounds on real pairs; null = distill.rounds "
-                                                       "(the same number of student updates)")
+    student: StudentParams = StudentParams(backbone_lr_scale=1.0, freeze_bn_stats=False)
+    weights: DistillLossWeights = DistillLossWeights(teacher_kd=0.0)
+    max_steps: int = Field(1500, ge=1, description="upper limit; training stops earlier when validation is flat")
+    weight_decay: float = Field(5e-4, ge=0)
+    augment: bool = True
+    val_share: float = Field(0.1, gt=0, lt=1, description="share of the training sketches and photos held out "
+                                                          "for the validation curve (mAP@all)")
+    eval_every: int = Field(100, ge=1, description="steps between validation points (one report each)")
+    patience: int = Field(3, ge=1, description="stop after this many validation points without a new best")
 
 
 class EvaluateParams(Params):

@@ -54,10 +54,11 @@ _STAGES = (
               "Data-free: CrossX-DFL students (photo + sketch encoders) from the teachers, the estimators and "
               "the sample bank only, alternating estimator and student steps. Writes students.pt.",
               trains=True),
-    StageSpec("upper_bound", "sbir.dfsbir.distill:run_distill", ("upper_bound", "distill"),
-              "The data-dependent upper bound: the same students and losses as distill, trained on the real "
-              "training photos and sketches. Writes outputs/upper_bound/students.pt.",
-              trains=True, kwargs={"source": "real"}),
+    StageSpec("upper_bound", "sbir.dfsbir.upper_bound:run_upper_bound", ("upper_bound",),
+              "The data-dependent upper bound: the students' architecture with every layer trained on the real "
+              "training photos and sketches (labels, augmentation) until a held-out validation mAP@all is flat. "
+              "Writes outputs/upper_bound/students.pt (the best validation point).",
+              trains=True),
     StageSpec("evaluate", "sbir.dfsbir.evaluate:run_evaluate", ("evaluate",),
               "Category-level evaluation: test sketches query test photos (cosine); mAP@all, mAP@k, P@k for "
               "chance, classifier-only, CrossX-DFL and the upper bound; embeddings, PR curves, retrievals.",

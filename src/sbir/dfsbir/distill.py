@@ -5,32 +5,30 @@ adversarial term against the current students) and m student steps on batches th
 reconstructed pairs with pairs replayed from the sample bank (a memory bank, as in fast data-free
 KD). Student objective:
 
-* Proxy-Anchor against shared proxies initialised from a teacher's final-layer rows (labels = the
-  teachers' predictions on the samples, not the estimators' conditioning class);
+* Proxy-Anchor against proxies initialised from the teachers' final-layer rows (shared by both students
+  or each student's own teacher's: ``proxy_init``), labels = the teachers' predictions on the samples,
+  not the estimators' conditioning class;
 * metric-agnostic distillation: each student's proxy-class distribution matches its own teacher's;
 * a cross-modal triplet tying sketches to photos of the same class.
 
-The data-dependent upper bound (``upper_bound`` stage) runs the same student steps and losses on the
-real training images instead (``source='real'``).
+The data-dependent upper bound (``upper_bound.py``) trains the same student networks with the same
+losses on the real training images.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from sbir.config import DistillParams, ReconstructParams
-from sbir.data.datasets import load_image_set
-from sbir.data.format import open_dataset
+from sbir.config import DistillParams, ReconstructParams, StudentTrainingParams
 from sbir.dfsbir import losses as L
 from sbir.dfsbir.reconstruct import EstimatorObjective, build_estimators, read_bank
-from sbir.models.backbones import EncoderPair, resize, to_float
+from sbir.models.backbones import EncoderPair, to_float
 from sbir.models.checkpoints import TeacherSet, build_students, load_teachers, read_checkpoint
 from sbir.train import runtime as rt
 
 PROXY_SCALE = 16.0  # cosine -> logits scale for the proxy classifier (used by KD and the hardness term)
-Source = Literal["reconstructed", "real"]
 
 
 class SampleBank:
@@ -57,8 +55,8 @@ class SampleBank:
         return {k: v[idx] for k, v in self.data.items()}
 
 
-def student_losses(students: EncoderPair, proxy_loss: torch.nn.Module, teachers: TeacherSet, x_p: torch.Tensor,
-                   x_s: torch.Tensor, p: DistillParams, labels_p: torch.Tensor | None = None,
+def student_losses(students: EncoderPair, proxies: L.StudentProxies, teachers: TeacherSet, x_p: torch.Tensor,
+                   x_s: torch.Tensor, p: StudentTrainingParams, labels_p: torch.Tensor | None = None,
                    labels_s: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The student objective on one batch of aligned pairs (images float in [0,1])."""
     with torch.no_grad():
@@ -66,13 +64,18 @@ def student_losses(students: EncoderPair, proxy_loss: torch.nn.Module, teachers:
     y_p = lt_p.argmax(1) if labels_p is None else labels_p
     y_s = lt_s.argmax(1) if labels_s is None else labels_s
     e_p, e_s = students(x_p, x_s)
-    proxies = proxy_loss.proxies
+    proxies_p, proxies_s = proxies.tensors()
     return {
-        "proxy": proxy_loss(torch.cat([e_p, e_s]), torch.cat([y_p, y_s])),
-        "teacher_kd": L.teacher_kd(lt_p, L.proxy_logits(e_p, proxies, PROXY_SCALE), p.kd_temperature)
-        + L.teacher_kd(lt_s, L.proxy_logits(e_s, proxies, PROXY_SCALE), p.kd_temperature),
+        "proxy": proxies.loss(e_p, y_p, e_s, y_s),
+        "teacher_kd": L.teacher_kd(lt_p, L.proxy_logits(e_p, proxies_p, PROXY_SCALE), p.kd_temperature)
+        + L.teacher_kd(lt_s, L.proxy_logits(e_s, proxies_s, PROXY_SCALE), p.kd_temperature),
         "cross_modal": L.cross_modal_triplet(e_s, y_s, e_p, y_p, p.triplet_margin),
     }
+
+
+def weighted_total(terms: dict[str, torch.Tensor], p: StudentTrainingParams) -> torch.Tensor:
+    w = p.weights
+    return w.proxy * terms["proxy"] + w.teacher_kd * terms["teacher_kd"] + w.cross_modal * terms["cross_modal"]
 
 
 def add_to(sums: dict[str, float], prefix: str, terms: dict[str, torch.Tensor], scale: float) -> None:
@@ -100,8 +103,8 @@ class ReconstructedPairs:
     def checkpoint_targets(self) -> dict[str, Any]:
         return {"estimators": self.estimators, "estimator_optimizer": self.optimizer}
 
-    def estimator_steps(self, students: EncoderPair, proxies: torch.Tensor, gen: torch.Generator, rnd: int,
-                        sums: dict[str, float]) -> None:
+    def estimator_steps(self, students: EncoderPair, proxies: tuple[torch.Tensor, torch.Tensor],
+                        gen: torch.Generator, rnd: int, sums: dict[str, float]) -> None:
         """k estimator steps: make samples the current students get wrong (bounded)."""
         p = self.p
         students.eval().requires_grad_(False)
@@ -120,7 +123,7 @@ class ReconstructedPairs:
             q.requires_grad_(p.student.backbone_lr_scale > 0 or ".backbone." not in n)
 
     @torch.no_grad()
-    def student_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    def student_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh pairs (added to the bank) and replayed ones; labels are the teachers' predictions."""
         n_replay = int(round(self.p.batch_size * self.p.replay_fraction))
         self.estimators.eval()
@@ -133,48 +136,32 @@ class ReconstructedPairs:
         replay = self.bank.sample(n_replay, gen)
         self.bank.add(fresh)
         batch = {k: torch.cat([fresh[k], replay[k]]) for k in replay}
-        return to_float(batch["photo"]).to(self.device), to_float(batch["sketch"]).to(self.device), None, None
-
-
-class RealPairs:
-    """The upper bound's source: real training sketches, each with a photo of its class (class-aligned
-    pairs: category-level distillation needs nothing finer), at the size the teachers saw."""
-
-    def __init__(self, config: dict, p: DistillParams, image_size: int, num_classes: int,
-                 device: torch.device) -> None:
-        ds = open_dataset(config["dataset_dir"])
-        self.photos = load_image_set(ds, "photos", ["train"])
-        self.sketches = load_image_set(ds, "sketches", ["train"])
-        self.by_class_photo = [torch.nonzero(self.photos.labels == c).flatten() for c in range(num_classes)]
-        self.p, self.size, self.device = p, image_size, device
-        self.rounds = config["upper_bound_rounds"] or p.rounds
-
-    def checkpoint_targets(self) -> dict[str, Any]:
-        return {}
-
-    def student_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        sb = torch.randint(0, len(self.sketches), (self.p.batch_size,), generator=gen)
-        labels_s = self.sketches.labels[sb]
-        pb = torch.stack([self.by_class_photo[c][torch.randint(0, len(self.by_class_photo[c]), (1,), generator=gen)][0]
-                          for c in labels_s.tolist()])
-        labels_p = self.photos.labels[pb]
-        x_p = resize(to_float(self.photos.images[pb]), self.size).to(self.device)
-        x_s = resize(to_float(self.sketches.images[sb]), self.size).to(self.device)
-        return x_p, x_s, labels_p.to(self.device), labels_s.to(self.device)
+        return to_float(batch["photo"]).to(self.device), to_float(batch["sketch"]).to(self.device)
 
 
 # ----------------------------------------------------------------------------- the loop
-def build_student_side(p: DistillParams, teachers: TeacherSet, blob: dict[str, Any], seed: int,
-                       device: torch.device) -> tuple[EncoderPair, torch.nn.Module, torch.optim.Optimizer]:
-    """Students, the shared proxies (Proxy-Anchor) and one optimiser over what trains."""
-    num_classes = blob["num_classes"]
+def build_proxies(p: StudentTrainingParams, teachers: TeacherSet, num_classes: int, seed: int) -> L.StudentProxies:
+    """Shared proxies from one teacher's rows (or random), or each student's own teacher's rows."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def proxy_anchor(rows: torch.Tensor | None) -> torch.nn.Module:
+        return L.make_proxy_anchor(num_classes, p.student.embed_dim,
+                                   L.init_proxies(rows, num_classes, p.student.embed_dim, gen),
+                                   p.proxy_margin, p.proxy_alpha)
+
+    photo_rows, sketch_rows = teachers.photo_teacher.head.weight, teachers.sketch_teacher.head.weight
+    if p.proxy_init == "per_modality":
+        return L.StudentProxies(proxy_anchor(photo_rows), proxy_anchor(sketch_rows))
+    rows = {"photo_teacher": photo_rows, "sketch_teacher": sketch_rows, "random": None}[p.proxy_init]
+    return L.StudentProxies(proxy_anchor(rows))
+
+
+def build_student_side(p: StudentTrainingParams, teachers: TeacherSet, blob: dict[str, Any], seed: int,
+                       device: torch.device, weight_decay: float = 1e-4
+                       ) -> tuple[EncoderPair, L.StudentProxies, torch.optim.Optimizer]:
+    """Students, their proxies (Proxy-Anchor) and one optimiser over what trains."""
     students = build_students(p.student, teachers, blob["params"]).to(device)
-    init_w = {"photo_teacher": teachers.photo_teacher.head.weight, "sketch_teacher": teachers.sketch_teacher.head.weight,
-              "random": None}[p.proxy_init]
-    proxy_loss = L.make_proxy_anchor(num_classes, p.student.embed_dim,
-                                     L.init_proxies(init_w, num_classes, p.student.embed_dim,
-                                                    torch.Generator().manual_seed(seed)),
-                                     p.proxy_margin, p.proxy_alpha).to(device)
+    proxies = build_proxies(p, teachers, blob["num_classes"], seed).to(device)
     backbone = [q for n, q in students.named_parameters() if ".backbone." in n]
     heads = [q for n, q in students.named_parameters() if ".backbone." not in n]
     groups = [{"params": heads, "lr": p.lr}]
@@ -184,14 +171,14 @@ def build_student_side(p: DistillParams, teachers: TeacherSet, blob: dict[str, A
         for q in backbone:
             q.requires_grad_(False)
     if p.proxy_lr_scale > 0:
-        groups.append({"params": proxy_loss.parameters(), "lr": p.lr * p.proxy_lr_scale})
+        groups.append({"params": proxies.parameters(), "lr": p.lr * p.proxy_lr_scale})
     else:
-        proxy_loss.requires_grad_(False)
-    return students, proxy_loss, torch.optim.AdamW(groups, weight_decay=1e-4)
+        proxies.requires_grad_(False)
+    return students, proxies, torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
-def student_steps(students: EncoderPair, proxy_loss: torch.nn.Module, opt: torch.optim.Optimizer,
-                  teachers: TeacherSet, source: ReconstructedPairs | RealPairs, p: DistillParams,
+def student_steps(students: EncoderPair, proxies: L.StudentProxies, opt: torch.optim.Optimizer,
+                  teachers: TeacherSet, source: ReconstructedPairs, p: DistillParams,
                   gen: torch.Generator, rnd: int, sums: dict[str, float]) -> None:
     """m student steps on batches from ``source``."""
     students.train()
@@ -199,15 +186,14 @@ def student_steps(students: EncoderPair, proxy_loss: torch.nn.Module, opt: torch
         for m in students.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
-    w = p.weights
     for _ in range(p.student_steps):
-        x_p, x_s, labels_p, labels_s = source.student_batch(gen)
-        terms = student_losses(students, proxy_loss, teachers, x_p, x_s, p, labels_p, labels_s)
-        total = w.proxy * terms["proxy"] + w.teacher_kd * terms["teacher_kd"] + w.cross_modal * terms["cross_modal"]
+        x_p, x_s = source.student_batch(gen)
+        terms = student_losses(students, proxies, teachers, x_p, x_s, p)
+        total = weighted_total(terms, p)
         rt.check_finite({**terms, "total": total}, rnd, "distill/students")
         opt.zero_grad(set_to_none=True)
         total.backward()
-        rt.sync_gradients([students, proxy_loss])
+        rt.sync_gradients([students, proxies])
         opt.step()
         add_to(sums, "student_", {**terms, "total": total}, p.student_steps)
 
@@ -215,49 +201,42 @@ def student_steps(students: EncoderPair, proxy_loss: torch.nn.Module, opt: torch
 def distill_loop(config: dict) -> None:
     device = rt.setup_worker(config)
     p: DistillParams = config["params"]
-    kind: Source = config["source"]
     seed = int(config["seed"])
     torch.manual_seed(seed)
     teachers, blob = load_teachers(config["teachers_path"], device)
-    students, proxy_loss, opt = build_student_side(p, teachers, blob, seed, device)
+    students, proxies, opt = build_student_side(p, teachers, blob, seed, device)
     gen = torch.Generator().manual_seed(seed * 31 + rt.world()[0])
-    source = (ReconstructedPairs(config, p, teachers, blob["num_classes"], device) if kind == "reconstructed"
-              else RealPairs(config, p, int(blob["params"]["image_size"]), blob["num_classes"], device))
+    source = ReconstructedPairs(config, p, teachers, blob["num_classes"], device)
     targets = source.checkpoint_targets()
-    state = rt.restore_into(students=students, proxies=proxy_loss, optimizer=opt, **targets)
+    state = rt.restore_into(students=students, proxies=proxies, optimizer=opt, **targets)
     start, history = (state["round"] + 1, state["history"]) if state else (0, [])
-    for module in (students, proxy_loss, *(t for t in targets.values() if isinstance(t, torch.nn.Module))):
+    for module in (students, proxies, *(t for t in targets.values() if isinstance(t, torch.nn.Module))):
         rt.broadcast_module(module)
     sums: dict[str, float] = {}
     count, t0 = 0, time.time()
-    for rnd in rt.progress(range(start, source.rounds), total=source.rounds - start, desc=f"distill ({kind})"):
-        if isinstance(source, ReconstructedPairs):
-            source.estimator_steps(students, proxy_loss.proxies.detach(), gen, rnd, sums)
-        student_steps(students, proxy_loss, opt, teachers, source, p, gen, rnd, sums)
+    for rnd in rt.progress(range(start, source.rounds), total=source.rounds - start, desc="distill"):
+        source.estimator_steps(students, tuple(t.detach() for t in proxies.tensors()), gen, rnd, sums)
+        student_steps(students, proxies, opt, teachers, source, p, gen, rnd, sums)
         count += 1
         if (rnd + 1) % p.log_every == 0 or rnd + 1 == source.rounds:
             metrics = rt.mean_over_workers({k: v / count for k, v in sums.items()})
             metrics.update(round=rnd, seconds_per_round=(time.time() - t0) / count)
             history.append(metrics)
-            rt.report(metrics, {"students": students.state_dict(), "proxies": proxy_loss.state_dict(),
+            rt.report(metrics, {"students": students.state_dict(), "proxies": proxies.state_dict(),
                                 "optimizer": opt.state_dict(), "round": rnd, "history": history,
-                                "params": p.model_dump(mode="json"), "source": kind,
+                                "params": p.model_dump(mode="json"), "source": "reconstructed",
                                 "num_classes": blob["num_classes"],
                                 **{k: v.state_dict() for k, v in targets.items()}})
             sums, count, t0 = {}, 0, time.time()
 
 
-def run_distill(ctx, source: Source = "reconstructed") -> dict[str, Any]:
-    """Stage body for ``distill`` (reconstructed pairs) and ``upper_bound`` (real training pairs)."""
-    p = ctx.params.distill
-    config: dict[str, Any] = {"params": p, "seed": ctx.params.seed, "source": source,
-                              "teachers_path": str(ctx.input("teacher_pretrain", "teachers.pt"))}
-    if source == "reconstructed":
-        config.update(estimators_path=str(ctx.input("reconstruct", "estimators.pt")),
-                      bank_path=str(ctx.input("reconstruct", "bank.parquet")),
-                      reconstruct_params=ctx.params.reconstruct)
-    else:
-        config.update(dataset_dir=str(ctx.path(ctx.params.dataset_dir)), upper_bound_rounds=ctx.params.upper_bound.rounds)
+def run_distill(ctx) -> dict[str, Any]:
+    """Stage body for ``distill``: students from the reconstructions and the teachers only."""
+    config: dict[str, Any] = {"params": ctx.params.distill, "seed": ctx.params.seed,
+                              "teachers_path": str(ctx.input("teacher_pretrain", "teachers.pt")),
+                              "estimators_path": str(ctx.input("reconstruct", "estimators.pt")),
+                              "bank_path": str(ctx.input("reconstruct", "bank.parquet")),
+                              "reconstruct_params": ctx.params.reconstruct}
     outcome = ctx.train(distill_loop, config)
     state = outcome.state
     torch.save({k: state[k] for k in ("students", "proxies", "optimizer", "round", "params", "source", "num_classes")},

@@ -2,8 +2,8 @@
 
 Rows of the results table: chance, classifier-only (each teacher's class-probability vector as the
 embedding: two independent teachers' features share no space, their class outputs do), CrossX-DFL
-(the distilled students) and the data-dependent upper bound (the same students trained on real
-pairs). Reads only the test split.
+(the distilled students) and the data-dependent upper bound (the students' architecture trained on
+the real training pairs, ``upper_bound.py``). Reads only the test split.
 """
 from __future__ import annotations
 

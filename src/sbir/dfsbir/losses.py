@@ -159,3 +159,31 @@ def init_proxies(teacher_weights: torch.Tensor | None, num_classes: int, embed_d
         proj = torch.randn(w.shape[1], embed_dim, generator=generator) / math.sqrt(embed_dim)
         w = w @ proj
     return F.normalize(w, dim=1)
+
+
+class StudentProxies(nn.Module):
+    """The students' class proxies, each inside a Proxy-Anchor loss.
+
+    ``shared`` (one loss for both students) puts both modalities in one proxy space: the default for
+    two independent teachers (METHOD.md, "one proxy space"). ``per_modality`` gives each student its own
+    teacher's final-layer rows as proxies, as the paper does; only a cross-modal term then ties the two
+    spaces together.
+    """
+
+    def __init__(self, photo: nn.Module, sketch: nn.Module | None = None) -> None:
+        super().__init__()
+        self.photo = photo
+        self.sketch = sketch  # None: the photo loss is shared by both students
+
+    @property
+    def shared(self) -> bool:
+        return self.sketch is None
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the photo student's proxies, the sketch student's proxies)."""
+        return self.photo.proxies, (self.photo if self.sketch is None else self.sketch).proxies
+
+    def loss(self, e_p: torch.Tensor, y_p: torch.Tensor, e_s: torch.Tensor, y_s: torch.Tensor) -> torch.Tensor:
+        if self.sketch is None:
+            return self.photo(torch.cat([e_p, e_s]), torch.cat([y_p, y_s]))
+        return self.photo(e_p, y_p) + self.sketch(e_s, y_s)

@@ -45,7 +45,7 @@ class EstimatorObjective:
                           if self.w.bn_prior > 0 else [])
 
     def __call__(self, x_p: torch.Tensor, x_s: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
-                 students: nn.Module | None = None, proxies: torch.Tensor | None = None,
+                 students: nn.Module | None = None, proxies: tuple[torch.Tensor, torch.Tensor] | None = None,
                  proxy_scale: float = 16.0) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         t, w = self.teachers, self.w
         for prior in self.bn_priors:
@@ -65,9 +65,10 @@ class EstimatorObjective:
             terms["bn_prior"] = sum(prior.loss() for prior in self.bn_priors)
         if students is not None and proxies is not None and self.weights["adversarial"] > 0:
             e_p, e_s = students(x_p, x_s)
+            proxies_p, proxies_s = proxies  # the photo and the sketch student's (the same tensor when shared)
             terms["adversarial"] = (
-                L.adversarial_hardness(l_p, L.proxy_logits(e_p, proxies, proxy_scale), self.adversarial_bound)
-                + L.adversarial_hardness(l_s, L.proxy_logits(e_s, proxies, proxy_scale), self.adversarial_bound))
+                L.adversarial_hardness(l_p, L.proxy_logits(e_p, proxies_p, proxy_scale), self.adversarial_bound)
+                + L.adversarial_hardness(l_s, L.proxy_logits(e_s, proxies_s, proxy_scale), self.adversarial_bound))
         total = sum(self.weights[k] * v for k, v in terms.items())
         return total, terms, {"photo_logits": l_p.detach(), "sketch_logits": l_s.detach()}
 

@@ -57,7 +57,7 @@ def build_students(p: StudentParams, teachers: TeacherSet | None, teacher_params
     students = EncoderPair(p.backbone, p.embed_dim, p.head)
     if p.init_from_teacher and teachers is not None:
         if teacher_params is not None and BackboneParams.model_validate(teacher_params["backbone"]) != p.backbone:
-            raise ValueError("distill.student.init_from_teacher needs the student backbone to equal "
+            raise ValueError("student.init_from_teacher needs the student backbone to equal "
                              f"teacher_pretrain.backbone ({teacher_params['backbone']} vs {p.backbone.model_dump()})")
         for enc, teacher in ((students.photo_encoder, teachers.photo_teacher),
                              (students.sketch_encoder, teachers.sketch_teacher)):
