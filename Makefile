@@ -11,13 +11,15 @@ STAMP := $(VENV)/.installed-$(INSTALL_KEY)
 PYTEST_ARGS ?=
 PIPELINE ?= dvc.yaml
 
-.PHONY: setup repro test test-all mlflow-ui sweep clean-outputs help
+.PHONY: setup repro test test-all mlflow-ui app sweep clean-outputs help
 
 help:
 	@echo "make repro     - install (once) and run the default pipeline with 'dvc repro dvc.yaml'"
 	@echo "                 (PIPELINE=pipelines/sketchy-mini/dvc.yaml for a real-data pipeline)"
 	@echo "make test      - install (once) and run the test suite (slow tests excluded; make test-all for all)"
 	@echo "make mlflow-ui - open the MLflow UI on the project's store (http://127.0.0.1:5000)"
+	@echo "make app       - draw a sketch and search photos with the trained models (http://127.0.0.1:8000;"
+	@echo "                 APP_ARGS='--port 8080 --model ID=CHECKPOINT --gallery ID=PATH', see sbir app --help)"
 	@echo "make sweep SWEEP=estimator_weights - Ray Tune sweep of pipelines/sweeps/<SWEEP>.yaml (docs/sweeps.md)"
 
 $(STAMP):
@@ -39,6 +41,11 @@ test-all: $(STAMP)
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+# The draw-and-search page (docs/app.md) on the default outputs of `make repro`; APP_ARGS pass on to `sbir app`.
+APP_ARGS ?=
+app: $(STAMP)
+	$(BIN)/sbir app $(APP_ARGS)
 
 # A Ray Tune sweep (docs/sweeps.md): results, best_params.yaml and best_overrides.txt land in
 # ray_results/sweeps/<SWEEP>/; SWEEP_ARGS="--set ray.use_gpu=true" etc. pass on to python -m sbir.sweep.

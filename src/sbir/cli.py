@@ -1,6 +1,6 @@
 """The ``sbir`` command (also ``python -m sbir``). Subcommands live in ``SUBCOMMANDS`` (one
 ``add_<name>(subparsers)`` each): ``run`` (one pipeline stage, what dvc.yaml calls), ``stages`` (the
-registry), ``search``, ``ingest``."""
+registry), ``search``, ``ingest``, ``app`` (the draw-and-search page)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Callable, Sequence
 
+from sbir.app.cli import add_app
 from sbir.data.ingest.cli import add_ingest
 
 SEARCH_HELP = """\
@@ -157,7 +158,7 @@ def list_stages(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
-    "run": add_run, "stages": add_stages, "search": add_search, "ingest": add_ingest}
+    "run": add_run, "stages": add_stages, "search": add_search, "ingest": add_ingest, "app": add_app}
 
 
 def build_parser() -> argparse.ArgumentParser:

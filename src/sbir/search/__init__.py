@@ -11,7 +11,8 @@ Pieces (each importable on its own):
   ``load_teachers``, ``load_retrieval_checkpoint``) and images are resized to the model's image size
   with the same ``to_float`` + ``resize`` as the evaluate stages.
 * :func:`load_query` reads one sketch: a raster (PNG/JPEG), an SVG, one Quick Draw ndjson line or a
-  stroke-3 ``.npy``. Vector inputs are converted and rasterised with the project's own code
+  stroke-3 ``.npy`` (:func:`query_from_bytes` the same from an upload's bytes, :func:`query_from_drawing`
+  from Quick Draw strokes such as those drawn on ``sbir app``'s canvas). Vector inputs are converted and rasterised with the project's own code
   (:mod:`sbir.data.svg`, the Quick Draw parser of :mod:`sbir.data.ingest`, :func:`sbir.strokes.rasterise`)
   at the gallery dataset's sketch size, line width and padding (:func:`render_spec_for`), so a
   query looks like the training sketches.
@@ -58,6 +59,8 @@ from sbir.search.queries import (
     RenderSpec,
     embed_queries,
     load_query,
+    query_from_bytes,
+    query_from_drawing,
     render_spec_for,
 )
 from sbir.search.retrieval import Hit, embed_gallery, search
@@ -69,6 +72,6 @@ __all__ = [
     "CacheMismatchError", "CacheWriter", "DatasetGallery", "EmbeddingCache", "FolderGallery", "Gallery", "GalleryBatch",
     "Hit", "Query", "RenderSpec", "SearchEncoder", "SearchError",
     "cache_filename", "cache_key", "default_cache_dir", "embed_gallery", "embed_queries", "file_sha256", "list_models",
-    "load_encoder", "load_query", "open_gallery", "render_spec_for", "save_grid", "search", "to_batch_tensor",
-    "topk_cosine",
+    "load_encoder", "load_query", "open_gallery", "query_from_bytes", "query_from_drawing", "render_spec_for",
+    "save_grid", "search", "to_batch_tensor", "topk_cosine",
 ]

@@ -1,6 +1,7 @@
 """Sketch query files (raster, SVG, Quick Draw ndjson, stroke-3 ``.npy``) -> uint8 rasters and embeddings."""
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -73,21 +74,17 @@ def _render(s3: np.ndarray, render: RenderSpec) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(render_to_uint8_rgb(ink)[0, :, :, 0]))[None]
 
 
-def _ndjson_record(path: Path, line: int | None) -> tuple[dict[str, Any], str]:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SearchError(f"{path}: cannot read ({exc})") from exc
+def _ndjson_record(raw: bytes, source: str, line: int | None) -> tuple[dict[str, Any], str]:
     lines = raw.splitlines()
     if line is None:
         nonblank = [i for i, l in enumerate(lines) if l.strip()]
         if len(nonblank) != 1:
-            raise SearchError(f"{path}: holds {len(nonblank)} non-blank lines; pick one with --ndjson-line N "
-                              f"(1-based)")
+            raise SearchError(f"{source}: holds {len(nonblank)} non-blank lines; pick one with --ndjson-line N "
+                              f"(1-based; the 'ndjson line' field on the sbir app page)")
         line = nonblank[0] + 1
     if not 1 <= line <= len(lines):
-        raise SearchError(f"{path}: has {len(lines)} lines, no line {line}")
-    where = f"{path}:{line}"
+        raise SearchError(f"{source}: has {len(lines)} lines, no line {line}")
+    where = f"{source}:{line}"
     try:
         rec = json.loads(lines[line - 1])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -102,65 +99,98 @@ def load_query(path: str | os.PathLike, render: RenderSpec | None = None,
     """Read a sketch query by its extension: PNG/JPEG raster, SVG, Quick Draw ndjson line (a file of
     one line, or line ``ndjson_line`` (1-based) of a bigger file) or a stroke-3 ``.npy`` (N, 3).
     Vector sketches are rasterised with ``render``. Errors name the file and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise SearchError(f"query {p} not found")
     try:
-        return _load_query(Path(path), render or RenderSpec(), ndjson_line)
+        data = p.read_bytes()
+    except OSError as exc:
+        raise SearchError(f"{p}: cannot read ({exc})") from exc
+    return query_from_bytes(data, str(p), render, ndjson_line)
+
+
+def query_from_bytes(data: bytes, name: str, render: RenderSpec | None = None, ndjson_line: int | None = None,
+                     max_image_pixels: int | None = None) -> Query:
+    """:func:`load_query` on the content of a file (an upload) whose type the extension of ``name``
+    gives; nothing is written to disk. ``max_image_pixels`` refuses larger rasters before decoding
+    them (a small PNG can declare a huge canvas). Errors name ``name`` and the problem."""
+    try:
+        return _query_from_bytes(data, name, render or RenderSpec(), ndjson_line, max_image_pixels)
     except SearchError:
         raise
     except ValueError as exc:  # the stroke validators name the source in their message
         raise SearchError(str(exc)) from exc
 
 
-def _load_query(p: Path, render: RenderSpec, ndjson_line: int | None) -> Query:
+def query_from_drawing(drawing: Any, name: str, render: RenderSpec | None = None) -> Query:
+    """A Quick Draw ``drawing`` (``[[[x...], [y...]], ...]``, one entry per stroke, as an ndjson
+    record holds it, e.g. the strokes drawn on a canvas) -> a query rendered by the dataset rasteriser."""
+    from sbir.data.ingest.quickdraw import quickdraw_drawing_to_stroke3  # the Quick Draw ingest's parser
+    from sbir.strokes import validate_stroke3
+
+    try:
+        s3 = quickdraw_drawing_to_stroke3(drawing)
+    except ValueError as exc:
+        raise SearchError(f"{name}: {'drawing has no points' if str(exc) == 'empty' else exc}") from exc
+    try:
+        s3 = validate_stroke3(s3, name)
+    except ValueError as exc:
+        raise SearchError(str(exc)) from exc
+    return Query(name, "ndjson", _render(s3, render or RenderSpec()), s3)
+
+
+def _raster_query(data: bytes, name: str, max_image_pixels: int | None) -> Query:
+    from PIL import Image
+
+    from sbir.data.images import to_grey  # the ingest's alpha-on-white greyscale conversion
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if max_image_pixels is not None and img.width * img.height > max_image_pixels:
+                raise SearchError(f"{name}: image is {img.width}x{img.height} pixels, more than the "
+                                  f"{max_image_pixels} allowed")
+            img.load()
+            grey = to_grey(img)
+    except SearchError:
+        raise
+    except Image.UnidentifiedImageError as exc:  # its message names an anonymous BytesIO
+        raise SearchError(f"{name}: cannot decode image (not a PNG or JPEG file, or a damaged one)") from exc
+    except Exception as exc:  # PIL raises several types for corrupt files
+        raise SearchError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    return Query(name, "raster", torch.from_numpy(np.array(grey, dtype=np.uint8))[None])
+
+
+def _query_from_bytes(data: bytes, name: str, render: RenderSpec, ndjson_line: int | None,
+                      max_image_pixels: int | None) -> Query:
     from sbir.strokes import polylines_to_stroke3, simplify_stroke3, validate_stroke3
 
-    if not p.is_file():
-        raise SearchError(f"query {p} not found")
-    ext = p.suffix.lower()
+    ext = Path(name).suffix.lower()
     if ext in RASTER_QUERY_EXTS:
-        from PIL import Image
-
-        from sbir.data.images import to_grey  # the ingest's alpha-on-white greyscale conversion
-
-        try:
-            with Image.open(p) as img:
-                img.load()
-                grey = to_grey(img)
-        except Exception as exc:  # PIL raises several types for corrupt files
-            raise SearchError(f"{p}: cannot decode image ({type(exc).__name__}: {exc})") from exc
-        return Query(str(p), "raster", torch.from_numpy(np.array(grey, dtype=np.uint8))[None])
+        return _raster_query(data, name, max_image_pixels)
     if ext == ".svg":
         from sbir.data.svg import SvgError, svg_to_polylines
 
         try:
-            sk = svg_to_polylines(p)
+            sk = svg_to_polylines(data, name=name)
         except SvgError as exc:
             raise SearchError(str(exc)) from exc
-        s3 = validate_stroke3(polylines_to_stroke3(sk.polylines), str(p))
+        s3 = validate_stroke3(polylines_to_stroke3(sk.polylines), name)
         if render.svg_simplify_eps > 0:
             s3 = np.asarray(simplify_stroke3(s3, render.svg_simplify_eps), dtype=np.float32)
-        return Query(str(p), "svg", _render(s3, render), s3)
+        return Query(name, "svg", _render(s3, render), s3)
     if ext in NDJSON_EXTS:
-        from sbir.data.ingest.quickdraw import quickdraw_drawing_to_stroke3  # the Quick Draw ingest's parser
-
-        rec, where = _ndjson_record(p, ndjson_line)
-        try:
-            s3 = quickdraw_drawing_to_stroke3(rec["drawing"])
-        except ValueError as exc:
-            msg = "drawing has no points" if str(exc) == "empty" else str(exc)
-            raise SearchError(f"{where}: {msg}") from exc
-        s3 = validate_stroke3(s3, where)
-        return Query(where if ndjson_line else str(p), "ndjson", _render(s3, render), s3)
+        rec, where = _ndjson_record(data, name, ndjson_line)
+        q = query_from_drawing(rec["drawing"], where, render)
+        q.name = where if ndjson_line else name
+        return q
     if ext == ".npy":
         try:
-            arr = np.load(p, allow_pickle=False)
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
         except Exception as exc:  # ValueError / OSError / UnpicklingError for bad files
-            raise SearchError(f"{p}: cannot read the .npy array ({type(exc).__name__}: {exc})") from exc
-        try:
-            s3 = validate_stroke3(arr, str(p))
-        except ValueError as exc:
-            raise SearchError(str(exc)) from exc
-        return Query(str(p), "stroke3", _render(s3, render), s3)
-    raise SearchError(f"{p}: unknown query type {ext!r}; expected .png/.jpg (raster), .svg, "
+            raise SearchError(f"{name}: cannot read the .npy array ({type(exc).__name__}: {exc})") from exc
+        s3 = validate_stroke3(arr, name)
+        return Query(name, "stroke3", _render(s3, render), s3)
+    raise SearchError(f"{name}: unknown query type {ext!r}; expected .png/.jpg (raster), .svg, "
                       f".ndjson/.jsonl/.json (Quick Draw) or .npy (stroke-3 array)")
 
 
