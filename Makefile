@@ -39,7 +39,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The runs table in the model-training view (MLflow 3's UI opens experiments in its GenAI view unless its
+# workflow toggle says "machine learning": the printed link sets it); one parent run per `dvc repro`.
 mlflow-ui: $(STAMP)
+	@echo "MLflow UI: $$(SBIR_MLFLOW_URI= $(BIN)/python -c 'from sbir.tracking import experiment_ui_url as u; print(u("embedded-default"))')"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 # The draw-and-search page (docs/app.md) on the default outputs of `make repro`; APP_ARGS pass on to `sbir app`.
