@@ -11,11 +11,12 @@ from sbir.dfsbir.reconstruct import read_bank
 from sbir.stage import run_stage
 
 
-def _params(tmp_path, dataset, backbone: dict, image_size: int) -> str:
+def _params(tmp_path, dataset, backbone: dict, image_size: int, teacher_extra: dict | None = None) -> str:
     params = {
         "seed": 0, "dataset_dir": str(dataset), "outputs_dir": str(tmp_path / "outputs"),
         "ray": {"num_workers": 0},
-        "teacher_pretrain": {"backbone": backbone, "image_size": image_size, "epochs": 1, "batch_size": 16},
+        "teacher_pretrain": {"backbone": backbone, "image_size": image_size, "epochs": 1, "batch_size": 16,
+                             **(teacher_extra or {})},
         "reconstruct": {"steps": 2, "batch_size": 8, "log_every": 1, "bank_size": 24, "estimator_width": 4,
                         "latent_dim": 8},
         "distill": {"student": {"backbone": backbone, "embed_dim": 16}, "rounds": 2, "student_steps": 1,
@@ -66,9 +67,14 @@ def test_classifier_only_variants_share_logits_and_temper_them():
     from sbir.dfsbir.evaluate import classifier_embeddings
     from sbir.data.datasets import ImageSet
 
-    class Teachers:  # the sketch teacher sees sketches, the photo teacher photos: fixed logits per image
-        sketch_teacher = staticmethod(lambda x: x.mean(dim=(2, 3))[:, :2] * 4)
-        photo_teacher = staticmethod(lambda x: x.mean(dim=(2, 3))[:, :2] * 4)
+    class Teacher:  # fixed logits per image, both classes known
+        known = torch.ones(2, dtype=torch.bool)
+
+        def __call__(self, x):
+            return x.mean(dim=(2, 3))[:, :2] * 4
+
+    class Teachers:  # the sketch teacher sees sketches, the photo teacher photos
+        sketch_teacher = photo_teacher = Teacher()
 
     images = torch.randint(0, 255, (5, 3, 8, 8), dtype=torch.uint8)
     s = ImageSet(images=images, labels=torch.zeros(5, dtype=torch.long), ids=[str(i) for i in range(5)])
@@ -101,3 +107,49 @@ def test_resnet18_builds_and_loads_local_weights(tmp_path):
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 5)
     with pytest.raises(FileNotFoundError, match="not found"):
         Classifier(BackboneParams(name="resnet18", weights_path=str(tmp_path / "missing.pth")), 5)
+
+
+def test_partial_class_overlap_reports_each_class_group(tmp_path, tiny_dataset):
+    """Photo teacher on classes 0-2, sketch teacher on 1-3: metrics per group, and the softmax baseline
+    has no coordinate for a class its teacher never saw."""
+    import torch
+
+    from sbir.models.checkpoints import load_teachers
+
+    params = _params(tmp_path, tiny_dataset, {"name": "small_cnn", "width": 8, "depth": 3}, 32,
+                     {"photo_classes": [0, 1, 2], "sketch_classes": [1, 2, 3]})
+    metrics = _run_all(params)
+    for group in ("shared", "photo_only", "sketch_only"):
+        for method in ("chance", "crossx_dfl", "upper_bound", "classifier_only_best"):
+            assert 0 <= metrics[f"{method}/{group}/mAP@all"] <= 1
+        assert metrics[f"classifier_only_best_variant/{group}"].startswith("classifier_only")
+    teachers, _ = load_teachers(str(tmp_path / "outputs/teacher_pretrain/teachers.pt"))
+    logits = teachers.eval().photo_teacher(torch.rand(2, 3, 32, 32))
+    assert logits.softmax(1)[:, 3].max() < 1e-6  # class 3: never seen by the photo teacher
+    bank = read_bank(str(tmp_path / "outputs/reconstruct/bank.parquet"))
+    assert set(bank["photo_teacher_label"].tolist()) <= {0, 1, 2}
+    assert set(bank["sketch_teacher_label"].tolist()) <= {1, 2, 3}
+
+
+def test_class_groups_name_seen_unseen_and_overlap():
+    import torch
+
+    from sbir.dfsbir.evaluate import class_groups
+
+    class Teachers:
+        def __init__(self, photo, sketch):
+            mask = lambda ids: torch.isin(torch.arange(5), torch.tensor(ids))  # noqa: E731
+            self.photo_teacher = type("T", (), {"known": mask(photo)})()
+            self.sketch_teacher = type("T", (), {"known": mask(sketch)})()
+
+    assert class_groups(Teachers([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])) == {}
+    assert class_groups(Teachers([0, 1, 2], [0, 1, 2])) == {"seen": [0, 1, 2], "unseen": [3, 4]}
+    assert class_groups(Teachers([0, 1, 2], [1, 2, 3])) == {"shared": [1, 2], "photo_only": [0],
+                                                            "sketch_only": [3], "unseen": [4]}
+
+
+def test_class_ids_outside_the_dataset_are_refused_before_ray(tmp_path, tiny_dataset):
+    params = _params(tmp_path, tiny_dataset, {"name": "small_cnn", "width": 8, "depth": 3}, 32,
+                     {"photo_classes": [0, 9]})
+    with pytest.raises(ValueError, match=r"photo_classes has class ids \[9\]"):
+        run_stage("teacher_pretrain", ["--params", params, "--no-mlflow"])

@@ -74,12 +74,18 @@ class TeacherParams(Params):
     backbone: BackboneParams = BackboneParams()
     modality_backbone: BackboneParams = BackboneParams(width=16, depth=3)
     image_size: int = Field(32, ge=16)
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(24, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = True
+    # class-split studies (the paper's robustness studies): the dataset classes each teacher is trained
+    # on; null = all. Equal lists leave the other classes unseen; unequal ones make a partial overlap.
+    photo_classes: list[int] | None = Field(None, min_length=1, description="class ids the photo teacher is "
+                                                                            "trained on (null: all)")
+    sketch_classes: list[int] | None = Field(None, min_length=1, description="class ids the sketch teacher is "
+                                                                             "trained on (null: all)")
 
 
 class EstimatorLossWeights(Params):
@@ -157,13 +163,13 @@ class UpperBoundParams(StudentTrainingParams):
 
     student: StudentParams = StudentParams(backbone_lr_scale=1.0, freeze_bn_stats=False)
     weights: DistillLossWeights = DistillLossWeights(teacher_kd=0.0)
-    max_steps: int = Field(1500, ge=1, description="upper limit; training stops earlier when validation is flat")
+    max_steps: int = Field(600, ge=1, description="upper limit; training stops earlier when validation is flat")
     weight_decay: float = Field(5e-4, ge=0)
     augment: bool = True
     val_share: float = Field(0.1, gt=0, lt=1, description="share of the training sketches and photos held out "
                                                           "for the validation curve (mAP@all)")
     eval_every: int = Field(100, ge=1, description="steps between validation points (one report each)")
-    patience: int = Field(3, ge=1, description="stop after this many validation points without a new best")
+    patience: int = Field(2, ge=1, description="stop after this many validation points without a new best")
 
 
 class EvaluateParams(Params):

@@ -92,7 +92,7 @@ class ReconstructedPairs:
                  device: torch.device) -> None:
         est_blob = read_checkpoint(config["estimators_path"])
         rp: ReconstructParams = config["reconstruct_params"]
-        self.estimators = build_estimators(rp, num_classes, est_blob["image_size"]).to(device)
+        self.estimators = build_estimators(rp, num_classes, est_blob["image_size"], teachers).to(device)
         self.estimators.load_state_dict(est_blob["estimators"])
         self.optimizer = torch.optim.Adam(self.estimators.parameters(), lr=p.estimator_lr, betas=(0.5, 0.999))
         self.objective = EstimatorObjective(teachers, rp, p.adversarial_weight, p.adversarial_bound)

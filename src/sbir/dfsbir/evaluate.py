@@ -36,8 +36,38 @@ def classifier_embeddings(teachers, sketches: ImageSet, photos: ImageSet, size: 
     q_logits = embed(teachers.sketch_teacher, sketches.images, size=size, batch=batch)
     g_logits = embed(teachers.photo_teacher, photos.images, size=size, batch=batch)
     out = {classifier_variant_name(t): ((q_logits / t).softmax(1), (g_logits / t).softmax(1)) for t in temperatures}
-    if logits:
-        out[classifier_variant_name(None)] = (q_logits, g_logits)
+    if logits:  # a class a teacher never saw has no coordinate: 0, not its masked logit
+        out[classifier_variant_name(None)] = (q_logits.where(teachers.sketch_teacher.known.cpu(), 0.0),
+                                              g_logits.where(teachers.photo_teacher.known.cpu(), 0.0))
+    return out
+
+
+def class_groups(teachers) -> dict[str, list[int]]:
+    """The class-split studies' groups (empty when both teachers know every class): classes both
+    teachers know (``shared``; ``seen`` when the lists are equal), only the photo or the sketch teacher
+    knows, and neither (``unseen``)."""
+    known_p, known_s = teachers.photo_teacher.known.cpu(), teachers.sketch_teacher.known.cpu()
+    if bool((known_p & known_s).all()):
+        return {}
+    masks = {"seen" if bool((known_p == known_s).all()) else "shared": known_p & known_s,
+             "photo_only": known_p & ~known_s, "sketch_only": known_s & ~known_p, "unseen": ~known_p & ~known_s}
+    return {name: torch.nonzero(mask).flatten().tolist() for name, mask in masks.items() if bool(mask.any())}
+
+
+def group_metrics(embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], q_labels: torch.Tensor,
+                  g_labels: torch.Tensor, groups: dict[str, list[int]], p: EvaluateParams) -> dict[str, dict]:
+    """Per method and group: the group's query sketches against the group's gallery photos."""
+    out: dict[str, dict] = {}
+    for group, classes in groups.items():
+        q_in, g_in = torch.isin(q_labels, torch.tensor(classes)), torch.isin(g_labels, torch.tensor(classes))
+        if not q_in.any() or not g_in.any():
+            continue
+        out[f"chance/{group}"] = chance_category_metrics(q_labels[q_in], g_labels[g_in], ks_map=p.map_ks,
+                                                         ks_precision=p.precision_ks)
+        for name, (q, g) in embeddings.items():
+            out[f"{name}/{group}"] = category_retrieval_metrics(q[q_in], q_labels[q_in], g[g_in], g_labels[g_in],
+                                                                 ks_map=p.map_ks, ks_precision=p.precision_ks,
+                                                                 batch_size=p.batch_size)
     return out
 
 
@@ -82,8 +112,8 @@ def run_evaluate(ctx) -> dict[str, Any]:
         curves[name] = precision_recall_curve(q, q_labels, g, g_labels)
         np.save(emb_dir / f"{name}_query.npy", q.numpy())
         np.save(emb_dir / f"{name}_gallery.npy", g.numpy())
-    main_key = "mAP@all"
-    ratio = table["crossx_dfl"][main_key] / max(1e-12, table["upper_bound"][main_key])
+    table.update(group_metrics(embeddings, q_labels, g_labels,
+                               class_groups(load_teachers(str(ctx.input("teacher_pretrain", "teachers.pt")))[0]), p))
     # precision-recall curves as a DVC plot (long format: one row per method and recall level)
     rows = [{"method": m, "recall": float(r), "precision": float(pr)} for m, (rec, prec) in curves.items()
             for r, pr in zip(rec, prec)]
@@ -109,19 +139,32 @@ def run_evaluate(ctx) -> dict[str, Any]:
     plot_retrievals([sketches.images[i, 0].numpy() for i in picks],
                     [photos.images[i].permute(1, 2, 0).numpy() for i in range(len(photos))], top, correct,
                     ctx.tmp_out / "retrievals.png", title="CrossX-DFL: test sketch -> top-10 test photos")
-    metrics = {f"{m}/{k}": round(float(v), 4) for m, vals in table.items() for k, v in vals.items()
-               if not k.startswith("num_")}
-    metrics["crossx_dfl_over_upper_bound"] = round(ratio, 4)
-    metrics["crossx_dfl_minus_classifier_only"] = round(table["crossx_dfl"][main_key] - table["classifier_only"][main_key], 4)
-    best = max((m for m in table if m.startswith("classifier_only")), key=lambda m: table[m][main_key])
-    metrics.update({f"classifier_only_best/{k}": round(float(v), 4) for k, v in table[best].items()
-                    if not k.startswith("num_")})
-    metrics["classifier_only_best_variant"] = best  # chosen on the test queries: the strongest baseline to beat
-    metrics["crossx_dfl_minus_classifier_only_best"] = round(table["crossx_dfl"][main_key] - table[best][main_key], 4)
+    metrics = summary_metrics(table)
     metrics["num_queries"], metrics["gallery_size"] = len(sketches), len(photos)
     ctx.write_json("metrics.json", metrics)
     (ctx.tmp_out / "results_table.md").write_text(results_markdown(table, p))
     print(results_markdown(table, p))
+    return metrics
+
+
+def summary_metrics(table: dict[str, dict[str, float]], main_key: str = "mAP@all") -> dict[str, Any]:
+    """Every row's metrics, flat, plus ``classifier_only_best`` (the best classifier-only variant, per
+    class group too: the strongest baseline to beat) and the headline differences and ratio."""
+    metrics: dict[str, Any] = {f"{m}/{k}": round(float(v), 4) for m, vals in table.items() for k, v in vals.items()
+                               if not k.startswith("num_")}
+    cx = table["crossx_dfl"][main_key]
+    metrics["crossx_dfl_over_upper_bound"] = round(cx / max(1e-12, table["upper_bound"][main_key]), 4)
+    metrics["crossx_dfl_minus_classifier_only"] = round(cx - table["classifier_only"][main_key], 4)
+    for group in [""] + sorted({m.split("/", 1)[1] for m in table if "/" in m}):
+        suffix = f"/{group}" if group else ""
+        variants = [m for m in table if m.startswith("classifier_only") and ("/" in m) == bool(group)
+                    and m.endswith(suffix)]
+        best = max(variants, key=lambda m: table[m][main_key])  # chosen on the test queries
+        metrics.update({f"classifier_only_best{suffix}/{k}": round(float(v), 4) for k, v in table[best].items()
+                        if not k.startswith("num_")})
+        metrics[f"classifier_only_best_variant{suffix}"] = best.split("/")[0]
+        metrics[f"crossx_dfl_minus_classifier_only_best{suffix}"] = round(
+            table[f"crossx_dfl{suffix}"][main_key] - table[best][main_key], 4)
     return metrics
 
 

@@ -52,12 +52,14 @@ class EstimatorObjective:
             prior.reset()
         f_p, f_s = t.photo_teacher.features(x_p), t.sketch_teacher.features(x_s)
         l_p, l_s = t.photo_teacher.head(f_p), t.sketch_teacher.head(f_s)
+        # class-split studies: each teacher judges only the classes it knows; alignment needs both
+        known_p, known_s = t.photo_teacher.known[y], t.sketch_teacher.known[y]
         terms = {
-            "semantic_ce": L.semantic_ce(l_p, y) + L.semantic_ce(l_s, y),
+            "semantic_ce": on_rows(known_p, L.semantic_ce, l_p, y) + on_rows(known_s, L.semantic_ce, l_s, y),
             "class_balance": L.class_balance(l_p) + L.class_balance(l_s),
             "activation": L.activation(f_p) + L.activation(f_s),
             "modality": L.modality_guidance(t.modality_net(x_p), t.modality_net(x_s)),
-            "class_alignment": L.class_alignment(l_p, l_s, self.p.alignment_detach),
+            "class_alignment": on_rows(known_p & known_s, L.class_alignment, l_p, l_s, detach=self.p.alignment_detach),
         }
         if w.diversity > 0:
             terms["diversity"] = L.diversity(x_p, z) + L.diversity(x_s[:, :1], z)
@@ -73,8 +75,22 @@ class EstimatorObjective:
         return total, terms, {"photo_logits": l_p.detach(), "sketch_logits": l_s.detach()}
 
 
-def build_estimators(p: ReconstructParams, num_classes: int, image_size: int) -> EstimatorPair:
-    return EstimatorPair(p.latent_dim, num_classes, p.estimator_width, image_size)
+def on_rows(mask: torch.Tensor, term, *tensors: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``term`` over the rows where ``mask`` holds (all rows: the tensors as they are; none: 0)."""
+    if bool(mask.all()):
+        return term(*tensors, **kwargs)
+    if not bool(mask.any()):
+        return tensors[0].sum() * 0.0
+    return term(*(x[mask] for x in tensors), **kwargs)
+
+
+def build_estimators(p: ReconstructParams, num_classes: int, image_size: int,
+                     teachers: TeacherSet | None = None) -> EstimatorPair:
+    """The estimator pair; with ``teachers``, drawing only the classes at least one teacher knows."""
+    estimators = EstimatorPair(p.latent_dim, num_classes, p.estimator_width, image_size)
+    if teachers is not None:
+        estimators.classes = teachers.known_classes()
+    return estimators
 
 
 def reconstruct_loop(config: dict) -> None:
@@ -84,7 +100,7 @@ def reconstruct_loop(config: dict) -> None:
     torch.manual_seed(seed)
     teachers, blob = load_teachers(config["teachers_path"], device)
     image_size = int(blob["params"]["image_size"])
-    estimators = build_estimators(p, blob["num_classes"], image_size).to(device)
+    estimators = build_estimators(p, blob["num_classes"], image_size, teachers).to(device)
     opt = torch.optim.Adam(estimators.parameters(), lr=p.lr, betas=(0.5, 0.999))
     objective = EstimatorObjective(teachers, p)
     state = rt.restore_into(estimators=estimators, optimizer=opt)
@@ -197,7 +213,7 @@ def run_reconstruct(ctx) -> dict[str, Any]:
     outcome = ctx.train(reconstruct_loop, {"params": p, "seed": ctx.params.seed, "teachers_path": str(teachers_path)})
     state = outcome.state
     teachers, blob = load_teachers(teachers_path)
-    estimators = build_estimators(p, state["num_classes"], state["image_size"])
+    estimators = build_estimators(p, state["num_classes"], state["image_size"], teachers)
     estimators.load_state_dict(state["estimators"])
     torch.save({"estimators": state["estimators"], "optimizer": state["optimizer"], "step": state["step"],
                 "params": state["params"], "num_classes": state["num_classes"], "image_size": state["image_size"]},

@@ -63,11 +63,30 @@ class TeacherData:
     sketches_test: ImageSet
 
 
-def load_teacher_data(dataset_dir: str) -> tuple[TeacherData, Any]:
+def of_classes(images: ImageSet, classes: list[int] | None) -> ImageSet:
+    """The images whose label is in ``classes`` (all when None)."""
+    if classes is None:
+        return images
+    return images.subset(torch.nonzero(torch.isin(images.labels, torch.tensor(classes))).flatten())
+
+
+def check_class_lists(p: TeacherParams, num_classes: int, where: str) -> None:
+    for key in ("photo_classes", "sketch_classes"):
+        bad = [c for c in getattr(p, key) or [] if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"{where}: teacher_pretrain.{key} has class ids {bad} outside 0..{num_classes - 1}")
+
+
+def load_teacher_data(dataset_dir: str, p: TeacherParams) -> tuple[TeacherData, Any]:
+    """Train and test images of the classes each teacher is trained on."""
     ds = open_dataset(dataset_dir)
-    data = TeacherData(photos=load_image_set(ds, "photos", ["train"]), sketches=load_image_set(ds, "sketches", ["train"]),
-                       photos_test=load_image_set(ds, "photos", ["test"]),
-                       sketches_test=load_image_set(ds, "sketches", ["test"]))
+    check_class_lists(p, ds.num_classes, str(ds.root))
+
+    def part(table: str, split: str) -> ImageSet:
+        return of_classes(load_image_set(ds, table, [split]), p.photo_classes if table == "photos" else p.sketch_classes)
+
+    data = TeacherData(photos=part("photos", "train"), sketches=part("sketches", "train"),
+                       photos_test=part("photos", "test"), sketches_test=part("sketches", "test"))
     if len(data.photos) == 0 or len(data.sketches) == 0:
         raise ValueError(f"{ds.root}: teacher_pretrain needs train photos and sketches "
                          f"(found {len(data.photos)} photos, {len(data.sketches)} sketches)")
@@ -88,7 +107,7 @@ def teacher_loop(config: dict) -> None:
     p: TeacherParams = config["params"]
     seed = int(config["seed"])
     torch.manual_seed(seed)
-    data, ds = load_teacher_data(config["dataset_dir"])
+    data, ds = load_teacher_data(config["dataset_dir"], p)
     teachers = TeacherSet(p, ds.num_classes)
     set_normalisation(teachers, data)
     teachers.to(device)
@@ -172,7 +191,7 @@ def run_teacher_pretrain(ctx) -> dict[str, Any]:
     """Stage body: train the three networks on Ray, write ``teachers.pt`` + metrics + curves."""
     p = ctx.params.teacher_pretrain
     dataset_dir = ctx.path(ctx.params.dataset_dir)
-    open_dataset(dataset_dir)  # fail fast and clearly before Ray starts
+    check_class_lists(p, open_dataset(dataset_dir).num_classes, str(dataset_dir))  # fail fast, before Ray starts
     outcome = ctx.train(teacher_loop, {"params": p, "seed": ctx.params.seed, "dataset_dir": str(dataset_dir)})
     state = outcome.state
     torch.save({k: state[k] for k in ("model", "optimizer", "scheduler", "epoch", "params", "num_classes", "class_names")},

@@ -120,14 +120,27 @@ def build_normalise(p: BackboneParams) -> Normalise:
     return Normalise()
 
 
-class Classifier(nn.Module):
-    """normalise -> backbone -> linear. The linear layer's weight rows are the class proxies."""
+UNKNOWN_CLASS_LOGIT = -1e4  # finite: softmax gives it 0, and KL/CE terms stay finite
 
-    def __init__(self, backbone: BackboneParams, num_classes: int) -> None:
+
+class Classifier(nn.Module):
+    """normalise -> backbone -> linear. The linear layer's weight rows are the class proxies.
+
+    ``known`` marks the dataset classes the classifier was trained on (all by default; the class-split
+    studies train teachers on a subset): the others' logits are fixed at UNKNOWN_CLASS_LOGIT, so they
+    get no gradient and no probability, as if the row did not exist.
+    """
+
+    def __init__(self, backbone: BackboneParams, num_classes: int, known: Sequence[int] | None = None) -> None:
         super().__init__()
         self.normalise = build_normalise(backbone)
         self.backbone = build_backbone(backbone)
         self.head = nn.Linear(self.backbone.out_dim, num_classes)
+        mask = torch.ones(num_classes, dtype=torch.bool)
+        if known is not None:
+            mask[:] = False
+            mask[torch.as_tensor(list(known), dtype=torch.long)] = True
+        self.register_buffer("known", mask, persistent=False)  # rebuilt from the params, not saved
 
     @property
     def uses_fixed_normalisation(self) -> bool:
@@ -138,7 +151,8 @@ class Classifier(nn.Module):
         return self.backbone(self.normalise(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        logits = self.head(self.features(x))
+        return logits if bool(self.known.all()) else logits.masked_fill(~self.known, UNKNOWN_CLASS_LOGIT)
 
 
 class Encoder(nn.Module):

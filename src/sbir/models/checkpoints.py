@@ -37,9 +37,13 @@ class TeacherSet(nn.Module):
 
     def __init__(self, p: TeacherParams, num_classes: int) -> None:
         super().__init__()
-        self.photo_teacher = Classifier(p.backbone, num_classes)
-        self.sketch_teacher = Classifier(p.backbone, num_classes)
+        self.photo_teacher = Classifier(p.backbone, num_classes, p.photo_classes)
+        self.sketch_teacher = Classifier(p.backbone, num_classes, p.sketch_classes)
         self.modality_net = Classifier(p.modality_backbone, 2)
+
+    def known_classes(self) -> torch.Tensor:
+        """The dataset classes at least one teacher was trained on (what the estimators may draw)."""
+        return torch.nonzero(self.photo_teacher.known | self.sketch_teacher.known).flatten().cpu()
 
 
 def load_teachers(path: PathLike, device: torch.device | str = "cpu") -> tuple[TeacherSet, dict[str, Any]]:

@@ -43,6 +43,8 @@ class EstimatorPair(nn.Module):
     def __init__(self, latent_dim: int, num_classes: int, width: int, image_size: int) -> None:
         super().__init__()
         self.latent_dim, self.num_classes = latent_dim, num_classes
+        # the classes a batch is drawn from (class-split studies: only those some teacher knows)
+        self.classes = torch.arange(num_classes)
         self.photo_estimator = ConditionalEstimator(latent_dim, num_classes, 3, width, image_size)
         self.sketch_estimator = ConditionalEstimator(latent_dim, num_classes, 1, width, image_size)
 
@@ -55,7 +57,7 @@ class EstimatorPair(nn.Module):
         other noise, so the diversity term can compare two samples of one class."""
         z = torch.randn(batch, self.latent_dim, generator=generator)
         half = (batch + 1) // 2
-        y = torch.arange(half) % self.num_classes
+        y = self.classes[torch.arange(half) % len(self.classes)]
         y = y[torch.randperm(half, generator=generator)]
         y = torch.cat([y, y])[:batch]
         return z.to(device), y.to(device)
