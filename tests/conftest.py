@@ -12,11 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_stores(tmp_path_factory):
-    """Keep tests out of the repository's mlflow/ and ray_results/."""
+    """Keep tests out of the repository's mlflow/, ray_results/ and logs/."""
     base = tmp_path_factory.mktemp("stores")
-    old = {k: os.environ.get(k) for k in ("SBIR_MLFLOW_DIR", "SBIR_RAY_RESULTS")}
+    old = {k: os.environ.get(k) for k in ("SBIR_MLFLOW_DIR", "SBIR_RAY_RESULTS", "SBIR_LOG_DIR")}
     os.environ["SBIR_MLFLOW_DIR"] = str(base / "mlflow")
     os.environ["SBIR_RAY_RESULTS"] = str(base / "ray_results")
+    os.environ["SBIR_LOG_DIR"] = str(base / "logs")
     yield
     for k, v in old.items():
         if v is None:

@@ -55,6 +55,7 @@ def _env(root: Path) -> dict:
     env["PATH"] = f"{BIN}:{env['PATH']}"
     env["SBIR_MLFLOW_DIR"] = str(root / "mlflow")
     env["SBIR_RAY_RESULTS"] = str(root / "ray_results")
+    env["SBIR_LOG_DIR"] = str(root / "logs")
     env["PYTHONPATH"] = str(root / "src")  # the copy's library, not the checkout's
     return env
 

@@ -12,6 +12,7 @@ returns its headline metrics::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 from sbir.config import ParamsError, Root, flatten, load_params, params_hash, section_value
 from sbir.registry import StageSpec, get_stage
+from sbir.stage_log import StageLog, stage_log
 from sbir.tracking import REPO_ROOT, RunHandle, stage_run
 
 Resume = Literal["auto", "always", "never"]
@@ -125,33 +127,44 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- running a stage
 def run_stage(stage: str, argv: list[str] | None = None, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Validate params, open the MLflow run, call the registered stage body and publish its outputs
-    atomically (``<stage>.tmp`` renamed on success). Returns the stage's metrics."""
+    """Validate params, open the stage's log and MLflow run, call the registered stage body and publish
+    its outputs atomically (``<stage>.tmp`` renamed on success). Returns the stage's metrics."""
     spec = get_stage(stage)
     args = args or stage_parser(spec).parse_args(argv)
     root = load_params(Path(args.params).resolve(), parse_overrides(args.overrides))
-    from sbir.resources import ResourceMonitor
-    from sbir.train.runtime import TRAINING_LOG, set_pipeline
+    from sbir.train import runtime as rt
 
-    set_pipeline(root.pipeline)
+    rt.set_pipeline(root.pipeline)
+    hooks = rt.active_hooks()  # a stage inside another Ray job (a sweep trial) logs into that job's folder
+    log_dir = hooks.storage_root / "logs" if hooks and hooks.storage_root else None
+    with stage_log(root.pipeline, stage, log_dir) as log:
+        metrics = _run_logged(spec, root, args, log)
+        log.note(f"outputs: {_context_out_dir(spec, root)}\n" + json.dumps(metrics, indent=2, default=str))
+        log.done(metrics, spec.key_metrics)
+    return metrics
+
+
+def _run_logged(spec: StageSpec, root: Root, args: argparse.Namespace, log: StageLog) -> dict[str, Any]:
+    from sbir.resources import ResourceMonitor
+    from sbir.train.runtime import TRAINING_LOG
+
     ctx = _context(spec, root, args)
     n_trainings = len(TRAINING_LOG)
     # wall time and peak RSS of this process and its children (Ray's raylet and workers): resources.json;
     # the monitor stops when the block ends, also when the stage fails (no sampling thread left behind)
     with ResourceMonitor() as monitor:
-        metrics = _call_stage(spec, ctx, tracked=not (args.no_mlflow or os.environ.get("SBIR_NO_MLFLOW") == "1"))
+        tracked = not (args.no_mlflow or os.environ.get("SBIR_NO_MLFLOW") == "1")
+        metrics = _call_stage(spec, ctx, tracked, log)
     trainings = TRAINING_LOG[n_trainings:]
     if trainings:  # "resumed from epoch N": which checkpoint each Ray Train fit of this stage continued from
         metrics.setdefault("resumed_from", trainings[0]["resumed_from"] if len(trainings) == 1
                            else [t["resumed_from"] for t in trainings])
     ctx.write_json("stage_metrics.json", json.loads(json.dumps(metrics, default=str)))
-    ctx.write_json("resources.json", json.loads(json.dumps({**monitor.report.to_dict(), "stage": stage,
+    ctx.write_json("resources.json", json.loads(json.dumps({**monitor.report.to_dict(), "stage": spec.name,
                                                             "trainings": trainings}, default=str)))
     if ctx.out_dir.exists():
         shutil.rmtree(ctx.out_dir)
     os.replace(ctx.tmp_out, ctx.out_dir)
-    print(f"[{stage}] done in {metrics['stage_seconds']} s -> {ctx.out_dir}")
-    print(json.dumps(metrics, indent=2, default=str))
     return metrics
 
 
@@ -160,9 +173,13 @@ def stage_digest(spec: StageSpec, root: Root) -> str:
                         "sections": {s: section_value(root, s) for s in spec.sections}})
 
 
-def _context(spec: StageSpec, root: Root, args: argparse.Namespace) -> StageContext:
+def _context_out_dir(spec: StageSpec, root: Root) -> Path:
     outputs = Path(root.outputs_dir)
-    out_dir = (outputs if outputs.is_absolute() else REPO_ROOT / outputs) / spec.name
+    return (outputs if outputs.is_absolute() else REPO_ROOT / outputs) / spec.name
+
+
+def _context(spec: StageSpec, root: Root, args: argparse.Namespace) -> StageContext:
+    out_dir = _context_out_dir(spec, root)
     tmp_out = out_dir.with_name(out_dir.name + ".tmp")
     if tmp_out.exists():
         shutil.rmtree(tmp_out)
@@ -172,8 +189,9 @@ def _context(spec: StageSpec, root: Root, args: argparse.Namespace) -> StageCont
                         digest=stage_digest(spec, root))
 
 
-def _call_stage(spec: StageSpec, ctx: StageContext, tracked: bool) -> dict[str, Any]:
-    """Call the stage body, inside an MLflow run unless tracking is off; returns its metrics."""
+def _call_stage(spec: StageSpec, ctx: StageContext, tracked: bool, log: StageLog) -> dict[str, Any]:
+    """Call the stage body, inside an MLflow run unless tracking is off (the run also gets the stage's log
+    file, once it is complete: when the stage has ended, well or not); returns its metrics."""
     start = time.time()
     if not tracked:
         metrics = dict(spec.function()(ctx))
@@ -184,6 +202,7 @@ def _call_stage(spec: StageSpec, ctx: StageContext, tracked: bool) -> dict[str, 
             flat.update(flatten(section_value(root, s), f"{s}."))
         with stage_run(root.pipeline, spec.name, flat, ctx.digest, _dataset_checksum(ctx)) as run:
             ctx.run = run
+            log.on_close.append(functools.partial(run.log_artifact, artifact_path="logs"))
             metrics = dict(spec.function()(ctx))
             metrics.setdefault("stage_seconds", round(time.time() - start, 1))
             run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -76,24 +77,104 @@ def ray_results_dir() -> Path:
     return (Path(os.environ.get("SBIR_RAY_RESULTS", REPO_ROOT / "ray_results")) / _PIPELINE).resolve()
 
 
+def ray_environment(ray_params: RayParams) -> None:
+    """Environment variables of the Ray instance the stage starts, set before Ray is imported (Ray reads
+    some of them at import) and inherited by its processes."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray Train V2 turns a worker's print() into a log record on the worker's stderr; with the patch off a
+    # print stays on stdout, which the stage sends to its log file, and stderr (the console) keeps warnings
+    # and errors.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if ray_params.address:
+        return
+    # A local instance lives and dies with this stage process, on one node: no node is ever drained, so Ray
+    # Train's preemption watcher (an actor per fit that polls for node drains, and whose start logs a
+    # core_worker error line about its own restart policy) has nothing to watch.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Token authentication stays on (Ray's default for a new local instance) but is set explicitly, which
+    # silences the warning Ray logs when the mode is implicit. Only before Ray's import: set later, the
+    # driver's cached config would not send the token the new instance expects.
+    if "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def ensure_ray(ray_params: RayParams) -> None:
     """Start (or join, with ``ray.address``) the Ray instance the stages' Train jobs run on."""
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # Ray workers inherit the environment; quieten noisy but harmless warnings.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if ray_params.address:
-        ray.init(address=ray_params.address, include_dashboard=False)
+        ray.init(address=ray_params.address, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"worker_process_setup_hook": "sbir.train.runtime.setup_ray_worker"})
         return
     needed = max(1, ray_params.num_workers) * ray_params.cpus_per_worker
     # Give Ray at least as many logical CPUs as the workers ask for: on this 2-core machine asking
     # for more than exists makes the placement group wait forever (the known deadlock).
     num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             configure_logging=True, logging_level="WARNING")
+    context = ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=True,
+                       logging_level="WARNING",
+                       runtime_env={"worker_process_setup_hook": "sbir.train.runtime.setup_local_ray_worker"})
+    # the stage's log file gets this line: Ray keeps its own logs (every level, every process) there
+    logging.getLogger(__name__).info("Ray session (its own logs under logs/): %s",
+                                     context.address_info.get("session_dir"))
+
+
+# Ray Train V2 starts a detached PlacementGroupCleaner actor per fit; every second it asks Ray's State API
+# whether the Train controller is still alive, so that it can remove the placement group if the controller
+# dies. The State API is served by the Ray dashboard, which needs ray[default] (not installed; ray.init runs
+# with include_dashboard=False), so every query fails and the cleaner logs this warning once a second for
+# the whole fit (507 of 800 console lines of a `make repro`). Ray 2.60 has no switch to turn the cleaner or
+# its query off (ray-project/ray#65443 discusses replacing it), so this one message of this one logger is
+# dropped in Ray's worker processes (``worker_process_setup_hook``); the cleaner's other messages stay.
+CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+CLEANER_STATE_API_WARNING = "Failed to query Ray Train Controller actor state"
+# Ray Train's per-report INFO line ("Reporting training result N: ...", two per report and worker) comes
+# from a logger that Ray names by its module's file path, outside the ``ray.train`` loggers that
+# RunConfig's LoggingConfig levels, so it gets that level here.
+REPORT_LOGGER_FILE = ("train", "v2", "_internal", "execution", "context.py")
+# On a local instance nothing autoscales, yet every fit asks Ray's autoscaling coordinator actor for its
+# workers' resources with a 5 s timeout; on a loaded machine the request times out and logs a warning
+# with a 20-line traceback that ends "it's safe to ignore this error".
+COORDINATOR_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+
+
+class _Drop(logging.Filter):
+    """Drops the records of a logger that ``match``. A filter rather than a level: Ray Train's logging
+    set-up, which runs after the hook, resets the levels of the ``ray.train`` loggers but keeps filters."""
+
+    def __init__(self, match: Callable[[logging.LogRecord], bool]):
+        super().__init__()
+        self.match = match
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.match(record)
+
+
+def _drop(logger: str, match: Callable[[logging.LogRecord], bool]) -> None:
+    target = logging.getLogger(logger)
+    if not any(isinstance(f, _Drop) for f in target.filters):
+        target.addFilter(_Drop(match))
+
+
+def setup_ray_worker() -> None:
+    """Ray's ``worker_process_setup_hook``: runs in every Ray worker process once it is connected."""
+    import ray
+
+    # Ray's State API client (the cleaner's) is given no address, so it looks for the Ray instances running
+    # on this machine, and when there are several (two stages, tests, someone else's experiment) it raises
+    # ConnectionError, which kills the cleaner's monitor thread with a 30-line traceback on the console. The
+    # instance it means is this worker's own.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    _drop(CLEANER_LOGGER, lambda r: str(r.msg).startswith(CLEANER_STATE_API_WARNING))
+    _drop(os.path.join(os.path.dirname(ray.__file__), *REPORT_LOGGER_FILE), lambda r: r.levelno < logging.WARNING)
+
+
+def setup_local_ray_worker() -> None:
+    """:func:`setup_ray_worker`, and on a local instance (nothing autoscales) no warnings from the
+    autoscaling coordinator's client either (see above)."""
+    setup_ray_worker()
+    _drop(COORDINATOR_LOGGER, lambda r: r.levelno < logging.ERROR)
 
 
 def _use_gpu(ray_params: RayParams) -> bool:
@@ -224,6 +305,11 @@ _HOOKS: TrainingHooks | None = None
 _LOCAL_REPORT: Callable[[dict], None] | None = None
 
 
+def active_hooks() -> TrainingHooks | None:
+    """The hooks of the enclosing :func:`training_hooks` block, if any."""
+    return _HOOKS
+
+
 @contextmanager
 def training_hooks(hooks: TrainingHooks) -> Iterator[TrainingHooks]:
     """Apply ``hooks`` to every :func:`run_training` call inside the ``with`` block."""
@@ -241,10 +327,7 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
                  storage_root: Path | None = None, mlflow_run: Any = None) -> TrainingOutcome:
     """Run ``loop`` as a Ray Train job named after the stage; returns the last reported metrics.
     ``mlflow_run`` (a picklable :class:`sbir.tracking.RunHandle`) receives every report's metrics."""
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    ray_environment(ray_params)
     global _LOCAL_REPORT
     hooks = _HOOKS or TrainingHooks()
     storage = (storage_root or hooks.storage_root or ray_results_dir()).resolve()
@@ -253,31 +336,14 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
     resumed_from = checkpoint_position(run_dir) if resumed else None
     if resumed:
         where = ", ".join(f"{k} {v}" for k, v in (resumed_from or {}).items()) or "its last checkpoint"
-        print(f"[{stage}] resumed from {where} ({run_dir})", flush=True)
-    use_gpu = _use_gpu(ray_params)
+        from sbir.stage_log import announce
+
+        announce(f"[{stage}] resumed from {where} ({run_dir})")
     config = dict(loop_config)
     config["_runtime"] = {"torch_threads": ray_params.torch_threads_per_worker, "stage": stage,
                           "local_dir": str(run_dir) if ray_params.num_workers == 0 else None,
                           "mlflow_run": mlflow_run}
-    if ray_params.num_workers > 0:
-        ensure_ray(ray_params)
-        scaling = ScalingConfig(num_workers=ray_params.num_workers, use_gpu=use_gpu,
-                                resources_per_worker={"CPU": ray_params.cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
-    else:
-        scaling = ScalingConfig(num_workers=0)
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config=config,
-        scaling_config=scaling,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=stage,
-            storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=ray_params.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=ray_params.max_failures),
-            callbacks=list(hooks.callbacks(stage)) if hooks.callbacks else None,
-        ),
-    )
+    trainer = _trainer(stage, loop, config, ray_params, storage, hooks)
     start = time.time()
     last_local: dict[str, Any] = {}
     if ray_params.num_workers == 0 and hooks.on_local_report is not None:
@@ -288,16 +354,16 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
 
         _LOCAL_REPORT = _local_report
     try:
-        result = trainer.fit()
+        result = trainer.fit()  # Ray Train V2 raises a failed run's error here (V1 returned it in result)
+    except Exception as error:
+        TRAINING_LOG.append({"stage": stage, "resumed": resumed, "resumed_from": resumed_from, "failed": True})
+        unwrapped = _unwrap_non_finite(error)
+        if unwrapped is not error:
+            raise unwrapped from error
+        raise
     finally:
         _LOCAL_REPORT = None
     seconds = time.time() - start
-    if result.error:
-        TRAINING_LOG.append({"stage": stage, "resumed": resumed, "resumed_from": resumed_from, "failed": True})
-        unwrapped = _unwrap_non_finite(result.error)
-        if unwrapped is not result.error:
-            raise unwrapped from result.error
-        raise result.error
     state = None
     if ray_params.num_workers == 0:
         state = _latest_local_state(run_dir)
@@ -309,6 +375,40 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
                          "train_seconds": round(seconds, 2), "num_workers": ray_params.num_workers})
     return TrainingOutcome(metrics=dict(result.metrics or last_local), state=state, run_dir=run_dir, resumed=resumed,
                            seconds=seconds, resumed_from=resumed_from)
+
+
+def _trainer(stage: str, loop: Callable[[dict], None], config: dict[str, Any], ray_params: RayParams,
+             storage: Path, hooks: TrainingHooks) -> Any:
+    """The TorchTrainer of one run (on Ray workers: starting or joining Ray first)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    # the driver's Ray logger at WARNING, as ensure_ray's ray.init(logging_level=...) sets it; local mode
+    # (num_workers=0) calls no ray.init, and Ray's import sets it to INFO ("Running in local mode ...")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    use_gpu = _use_gpu(ray_params)
+    if ray_params.num_workers > 0:
+        ensure_ray(ray_params)
+        scaling = ScalingConfig(num_workers=ray_params.num_workers, use_gpu=use_gpu,
+                                resources_per_worker={"CPU": ray_params.cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
+    else:
+        scaling = ScalingConfig(num_workers=0)
+    return TorchTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=scaling,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=stage,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=ray_params.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=ray_params.max_failures),
+            callbacks=list(hooks.callbacks(stage)) if hooks.callbacks else None,
+            # Ray Train's INFO lines (worker group started, every report and checkpoint) stay in its own
+            # log files under the Ray session folder; the console gets its warnings and errors
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------ worker side
@@ -506,12 +606,34 @@ def restore() -> dict[str, Any] | None:
 
 
 def progress(iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
-    """A tqdm bar on rank 0 only (sparse refreshes: Ray forwards each refresh as a log line)."""
+    """A progress bar of rank 0 on the console. In a Ray worker it is Ray's tqdm_ray bar, which the driver
+    draws in place (Ray forwards a plain tqdm bar's every refresh as a new log line); in-process (local
+    mode, or a stage's own loop) a tqdm bar on stderr."""
     if not is_rank0():
         return iterable
+    if _in_ray_worker():
+        return _ray_progress(iterable, total, desc)
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, mininterval=10.0, file=sys.stdout, ascii=True, leave=True)
+    return tqdm(iterable, total=total, desc=desc, mininterval=2.0, file=sys.stderr, ascii=True, leave=True)
+
+
+def _ray_progress(iterable: Iterable, total: int | None, desc: str) -> Iterator:
+    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+    bar = ray_tqdm(total=total, desc=desc, flush_interval_s=2.0)
+    try:
+        for item in iterable:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()  # tqdm_ray's own iteration never closes its bar: the driver would keep it open
+
+
+def _in_ray_worker() -> bool:
+    """Whether this code runs in a Ray actor (a Train worker, a Tune trial), whose output Ray forwards."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 @contextmanager
