@@ -7,11 +7,17 @@ the uni-modal data-free baseline (``unimodal_dfl``): each student distilled from
 reconstructions with no cross-modal term anywhere (no class alignment in synthesis, no cross-modal
 triplet, each student's proxies its own teacher's final-layer rows), from the same teachers.
 
-Writes ``benchmarks/results/dfsbir_seeds.json`` (layout of fgsbir_seeds.json: summary -> method ->
-metric -> mean/std/values) with the methods chance, classifier_only_best, unimodal_dfl, crossx_dfl and
-upper_bound, the per-seed figures, teacher accuracies and stage times.
+``--split`` picks the paper's robustness studies on the 12-class default: ``unseen`` (both teachers on
+classes 0-8, classes 9-11 seen by no teacher) and ``overlap`` (photo teacher on 0-7, sketch teacher on
+4-11); their metrics are reported per class group too (``seen/mAP@all``, ``shared/mAP@all``, ...).
+
+Writes ``benchmarks/results/dfsbir_seeds.json`` (``dfsbir_<split>_seeds.json`` for the studies; layout
+of fgsbir_seeds.json: summary -> method -> metric -> mean/std/values) with the methods chance,
+classifier_only_best, unimodal_dfl, crossx_dfl and upper_bound, the per-seed figures, teacher
+accuracies and stage times.
 
     python benchmarks/bench_dfsbir_seeds.py                    # seeds 0 1 2, in-process (ray.num_workers=0)
+    python benchmarks/bench_dfsbir_seeds.py --split unseen
     python benchmarks/bench_dfsbir_seeds.py --seeds 0 --workers 2 --set distill.rounds=50
 """
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +38,12 @@ METHODS = ("chance", "classifier_only_best", "unimodal_dfl", "crossx_dfl", "uppe
 METRICS = ("mAP@all", "mAP@200", "P@100", "P@200")
 # the uni-modal baseline: no cross-modal term in synthesis or distillation, per-teacher proxies
 UNIMODAL = ["reconstruct.weights.class_alignment=0", "distill.weights.cross_modal=0", "distill.proxy_init=per_modality"]
+SPLITS = {"default": [],
+          "unseen": ["teacher_pretrain.photo_classes=[0,1,2,3,4,5,6,7,8]",
+                     "teacher_pretrain.sketch_classes=[0,1,2,3,4,5,6,7,8]"],
+          "overlap": ["teacher_pretrain.photo_classes=[0,1,2,3,4,5,6,7]",
+                      "teacher_pretrain.sketch_classes=[4,5,6,7,8,9,10,11]"]}
+GROUPS = {"default": [], "unseen": ["seen", "unseen"], "overlap": ["shared", "photo_only", "sketch_only"]}
 
 
 def stage_argv(params: str, sets: list[str]) -> list[str]:
@@ -41,7 +54,8 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace) -> dict:
     """The default chain, the upper bound and evaluate, then the uni-modal baseline; metrics and times."""
     from sbir.stage import run_stage
 
-    sets = [f"seed={seed}", f"outputs_dir={out}", f"ray.num_workers={args.workers}", *args.overrides]
+    sets = [f"seed={seed}", f"outputs_dir={out}", f"ray.num_workers={args.workers}", *SPLITS[args.split],
+            *args.overrides]
     seconds, stage_metrics = {}, {}
     for name in ("teacher_pretrain", "reconstruct", "distill", "upper_bound", "evaluate"):
         t0 = time.time()
@@ -52,13 +66,14 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace) -> dict:
     if not (unimodal_out / "teacher_pretrain").exists():
         (unimodal_out / "teacher_pretrain").symlink_to(out / "teacher_pretrain")
     unimodal_sets = [f"seed={seed}", f"outputs_dir={unimodal_out}", f"ray.num_workers={args.workers}",
-                     *args.overrides, *UNIMODAL]
+                     *SPLITS[args.split], *args.overrides, *UNIMODAL]
     for name in ("reconstruct", "distill"):
         t0 = time.time()
         run_stage(name, stage_argv(args.params, unimodal_sets))
         seconds[f"unimodal_{name}"] = round(time.time() - t0, 1)
     evaluated = stage_metrics["evaluate"]
-    table = {m: {k: evaluated[f"{m}/{k}"] for k in METRICS} for m in METHODS if m != "unimodal_dfl"}
+    keys = metric_keys(args.split)
+    table = {m: {k: evaluated[f"{m}/{k}"] for k in keys} for m in METHODS if m != "unimodal_dfl"}
     table["unimodal_dfl"] = evaluate_students(unimodal_out / "distill" / "students.pt", out, args)
     teachers = {k: stage_metrics["teacher_pretrain"][k] for k in ("photo_teacher_test_acc", "sketch_teacher_test_acc")}
     return {"table": table, "seconds": seconds, "teachers": teachers,
@@ -66,13 +81,18 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace) -> dict:
             "upper_bound": {k: stage_metrics["upper_bound"][k] for k in ("best_val_mAP@all", "best_step", "steps")}}
 
 
+def metric_keys(split: str) -> list[str]:
+    return list(METRICS) + [f"{g}/{k}" for g in GROUPS[split] for k in METRICS]
+
+
 def evaluate_students(students_path: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
     """The evaluate stage's metrics for one more set of students (same split, same embedding code)."""
     from sbir.config import load_params
     from sbir.data.datasets import load_image_set
     from sbir.data.format import open_dataset
-    from sbir.dfsbir.evaluate import method_embeddings
+    from sbir.dfsbir.evaluate import class_groups, group_metrics, method_embeddings
     from sbir.metrics import category_retrieval_metrics
+    from sbir.models.checkpoints import load_teachers
 
     root = load_params(Path(args.params))
     p = root.evaluate
@@ -82,24 +102,28 @@ def evaluate_students(students_path: Path, out: Path, args: argparse.Namespace) 
                             p.batch_size)["m"]
     metrics = category_retrieval_metrics(emb[0], sketches.labels, emb[1], photos.labels, ks_map=p.map_ks,
                                          ks_precision=p.precision_ks, batch_size=p.batch_size)
-    return {k: metrics[k] for k in METRICS}
+    groups = class_groups(load_teachers(str(out / "teacher_pretrain" / "teachers.pt"))[0])
+    for name, vals in group_metrics({"m": emb}, sketches.labels, photos.labels, groups, p).items():
+        metrics.update({f"{name.split('/', 1)[1]}/{k}": v for k, v in vals.items()})
+    return {k: metrics[k] for k in metric_keys(args.split)}
 
 
-def summarise(per_seed: dict[int, dict], seeds: list[int]) -> tuple[dict, str]:
+def summarise(per_seed: dict[int, dict], seeds: list[int], split: str) -> tuple[dict, str]:
     import numpy as np
 
     summary: dict[str, dict[str, dict]] = {}
     for m in METHODS:
         summary[m] = {}
-        for k in METRICS:
+        for k in metric_keys(split):
             vals = np.array([per_seed[s]["table"][m][k] for s in seeds], dtype=float)
             summary[m][k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
                              "values": [round(float(v), 4) for v in vals]}
-    lines = [f"Category-level data-free SBIR over seeds {seeds} (mean ± sample std; per seed in brackets)",
-             "| method | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    shown = ["mAP@all"] + [f"{g}/mAP@all" for g in GROUPS[split]] + ([] if GROUPS[split] else list(METRICS[1:]))
+    lines = [f"Category-level data-free SBIR, split {split!r}, over seeds {seeds} (mean ± sample std; "
+             "mAP@all per seed in brackets)", "| method | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for m in METHODS:
-        cells = [f"{summary[m][k]['mean']:.4f} ± {summary[m][k]['std']:.4f}" for k in METRICS]
-        cells[0] += f" {summary[m]['mAP@all']['values']}"
+        cells = [f"{summary[m][k]['mean']:.4f} ± {summary[m][k]['std']:.4f}"
+                 + (f" {summary[m][k]['values']}" if k.endswith("mAP@all") else "") for k in shown]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     ub = np.array(summary["upper_bound"]["mAP@all"]["values"])
     for m in ("crossx_dfl", "classifier_only_best", "unimodal_dfl"):
@@ -113,23 +137,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
     ap.add_argument("--workers", type=int, default=0, help="ray.num_workers (0: in-process local mode)")
-    ap.add_argument("--work", default=str(REPO / "benchmarks/results/dfsbir_seeds"), help="per-seed output folders")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/dfsbir_seeds.json"))
+    ap.add_argument("--split", choices=sorted(SPLITS), default="default", help="default, unseen or overlap classes")
+    ap.add_argument("--work", default=None, help="per-seed output folders (default: a temporary folder)")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/dfsbir[_<split>]_seeds.json")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra param overrides for every stage (repeatable)")
     ap.add_argument("--keep", action="store_true", help="keep the per-seed output folders")
     args = ap.parse_args(argv)
 
-    work = Path(args.work).resolve()
+    name = "dfsbir_seeds" if args.split == "default" else f"dfsbir_{args.split}_seeds"
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"{name}.json")
+    work = Path(args.work or tempfile.mkdtemp(prefix=f"{name}-")).resolve()
     os.environ.setdefault("SBIR_RAY_RESULTS", str(work / "ray_results"))
     per_seed = {}
     for seed in args.seeds:
         per_seed[seed] = run_seed(seed, work / f"seed_{seed}", args)
         print(f"seed {seed}: " + json.dumps(per_seed[seed]["table"]["crossx_dfl"]) + " "
               + json.dumps(per_seed[seed]["seconds"]), flush=True)
-    summary, text = summarise(per_seed, args.seeds)
+    summary, text = summarise(per_seed, args.seeds, args.split)
     print(text)
-    result = {"seeds": args.seeds, "overrides": args.overrides, "unimodal_overrides": UNIMODAL,
+    result = {"split": args.split, "split_overrides": SPLITS[args.split], "seeds": args.seeds, "overrides": args.overrides, "unimodal_overrides": UNIMODAL,
               "workers": args.workers, "summary": summary, "per_seed": {str(s): v for s, v in per_seed.items()},
               "table": text}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
