@@ -28,7 +28,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,17 +49,17 @@ def stage_argv(params: str, sets: list[str]) -> list[str]:
     return ["--params", params, "--no-mlflow", "--restart"] + [x for s in sets for x in ("--set", s)]
 
 
-def run_seed(seed: int, out: Path, args: argparse.Namespace) -> dict:
-    """The default chain, the upper bound and evaluate, then the uni-modal baseline; metrics and times."""
+STAGES = ("teacher_pretrain", "reconstruct", "distill", "upper_bound", "evaluate")
+
+
+def run_seed(seed: int, out: Path, args: argparse.Namespace) -> None:
+    """The default chain, the upper bound and evaluate, then the uni-modal baseline, into ``out``."""
     from sbir.stage import run_stage
 
     sets = [f"seed={seed}", f"outputs_dir={out}", f"ray.num_workers={args.workers}", *SPLITS[args.split],
             *args.overrides]
-    seconds, stage_metrics = {}, {}
-    for name in ("teacher_pretrain", "reconstruct", "distill", "upper_bound", "evaluate"):
-        t0 = time.time()
-        stage_metrics[name] = run_stage(name, stage_argv(args.params, sets))
-        seconds[name] = round(time.time() - t0, 1)
+    for name in STAGES:
+        run_stage(name, stage_argv(args.params, sets))
     unimodal_out = out / "unimodal"
     unimodal_out.mkdir(parents=True, exist_ok=True)
     if not (unimodal_out / "teacher_pretrain").exists():
@@ -68,17 +67,29 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace) -> dict:
     unimodal_sets = [f"seed={seed}", f"outputs_dir={unimodal_out}", f"ray.num_workers={args.workers}",
                      *SPLITS[args.split], *args.overrides, *UNIMODAL]
     for name in ("reconstruct", "distill"):
-        t0 = time.time()
         run_stage(name, stage_argv(args.params, unimodal_sets))
-        seconds[f"unimodal_{name}"] = round(time.time() - t0, 1)
-    evaluated = stage_metrics["evaluate"]
+
+
+def collect_seed(out: Path, args: argparse.Namespace) -> dict | None:
+    """One seed's figures from the files its stages wrote (None when a stage has not finished)."""
+    stage_dirs = {name: out / name for name in STAGES} | {f"unimodal_{n}": out / "unimodal" / n
+                                                           for n in ("reconstruct", "distill")}
+    if not all((d / "stage_metrics.json").is_file() for d in stage_dirs.values()):
+        return None
+    def read(folder: Path, name: str) -> dict:
+        return json.loads((folder / name).read_text())
+
+    evaluated = read(stage_dirs["evaluate"], "metrics.json")
     keys = metric_keys(args.split)
     table = {m: {k: evaluated[f"{m}/{k}"] for k in keys} for m in METHODS if m != "unimodal_dfl"}
-    table["unimodal_dfl"] = evaluate_students(unimodal_out / "distill" / "students.pt", out, args)
-    teachers = {k: stage_metrics["teacher_pretrain"][k] for k in ("photo_teacher_test_acc", "sketch_teacher_test_acc")}
-    return {"table": table, "seconds": seconds, "teachers": teachers,
+    table["unimodal_dfl"] = evaluate_students(out / "unimodal" / "distill" / "students.pt", out, args)
+    teachers = read(stage_dirs["teacher_pretrain"], "metrics.json")
+    upper = read(stage_dirs["upper_bound"], "metrics.json")
+    seconds = {n: read(d, "stage_metrics.json")["stage_seconds"] for n, d in stage_dirs.items()}
+    return {"table": table, "seconds": seconds,
+            "teachers": {k: teachers[k] for k in ("photo_teacher_test_acc", "sketch_teacher_test_acc")},
             "classifier_only_best_variant": evaluated["classifier_only_best_variant"],
-            "upper_bound": {k: stage_metrics["upper_bound"][k] for k in ("best_val_mAP@all", "best_step", "steps")}}
+            "upper_bound": {k: upper[k] for k in ("best_val_mAP@all", "best_step", "steps")}}
 
 
 def metric_keys(split: str) -> list[str]:
@@ -143,25 +154,38 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra param overrides for every stage (repeatable)")
     ap.add_argument("--keep", action="store_true", help="keep the per-seed output folders")
+    ap.add_argument("--collect-only", action="store_true",
+                    help="run nothing: summarise the seeds already finished in --work (the others are listed)")
     args = ap.parse_args(argv)
 
     name = "dfsbir_seeds" if args.split == "default" else f"dfsbir_{args.split}_seeds"
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"{name}.json")
     work = Path(args.work or tempfile.mkdtemp(prefix=f"{name}-")).resolve()
     os.environ.setdefault("SBIR_RAY_RESULTS", str(work / "ray_results"))
-    per_seed = {}
+    per_seed, missing = {}, []
     for seed in args.seeds:
-        per_seed[seed] = run_seed(seed, work / f"seed_{seed}", args)
-        print(f"seed {seed}: " + json.dumps(per_seed[seed]["table"]["crossx_dfl"]) + " "
-              + json.dumps(per_seed[seed]["seconds"]), flush=True)
+        if not args.collect_only:
+            run_seed(seed, work / f"seed_{seed}", args)
+        figures = collect_seed(work / f"seed_{seed}", args)
+        if figures is None:
+            missing.append(seed)
+            continue
+        per_seed[seed] = figures
+        print(f"seed {seed}: " + json.dumps(figures["table"]["crossx_dfl"]) + " " + json.dumps(figures["seconds"]),
+              flush=True)
+    if missing:
+        print(f"seeds {missing}: not finished in {work}, left out", flush=True)
+    args.seeds = sorted(per_seed)
+    if not args.seeds:
+        sys.exit(f"no finished seed in {work}")
     summary, text = summarise(per_seed, args.seeds, args.split)
     print(text)
-    result = {"split": args.split, "split_overrides": SPLITS[args.split], "seeds": args.seeds, "overrides": args.overrides, "unimodal_overrides": UNIMODAL,
+    result = {"missing_seeds": missing, "split": args.split, "split_overrides": SPLITS[args.split], "seeds": args.seeds, "overrides": args.overrides, "unimodal_overrides": UNIMODAL,
               "workers": args.workers, "summary": summary, "per_seed": {str(s): v for s, v in per_seed.items()},
               "table": text}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    if not args.keep:
+    if not (args.keep or args.collect_only or args.work):
         shutil.rmtree(work, ignore_errors=True)
     print(f"-> {args.out}")
     return result
