@@ -33,7 +33,7 @@ def regression_loop(config: dict) -> None:
             loss.backward()
             rt.sync_gradients(model)
             opt.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + loss.item(), steps + 1
         metrics = rt.mean_over_workers({"mse": total / steps})
         metrics.update(epoch=epoch, world_size=rt.world()[1], resumed_from=start)
         rt.report(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch})
