@@ -123,7 +123,6 @@ class Catalog:
     unavailable: dict[str, dict[str, str]] = field(default_factory=lambda: {"models": {}, "galleries": {}})
     caches: dict[tuple[str, str], S.EmbeddingCache] = field(default_factory=dict)
     renders: dict[tuple[str, str], S.RenderSpec] = field(default_factory=dict)
-    specs: dict[str, Any] = field(default_factory=dict)
     # one search at a time: a local demo server, and torch already uses the cores for one query
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -154,7 +153,6 @@ class Catalog:
     def _add_model(self, spec: ModelSpec, log: Callable[[str], None]) -> None:
         if spec.id in self.encoders or spec.id in self.unavailable["models"]:
             raise CatalogError(f"--model: the id {spec.id!r} is given twice")
-        self.specs[f"model:{spec.id}"] = {"checkpoint": str(spec.checkpoint), "model": spec.model}
         try:
             self.encoders[spec.id] = S.load_encoder(spec.checkpoint, spec.model)
         except S.SearchError as exc:
@@ -164,7 +162,6 @@ class Catalog:
     def _add_gallery(self, spec: GallerySpec, log: Callable[[str], None]) -> None:
         if spec.id in self.galleries or spec.id in self.unavailable["galleries"]:
             raise CatalogError(f"--gallery: the id {spec.id!r} is given twice")
-        self.specs[f"gallery:{spec.id}"] = {"path": str(spec.path), "splits": list(spec.splits)}
         from sbir.data.format import DatasetFormatError
 
         try:
