@@ -46,6 +46,9 @@ def test_experiments_are_tagged_for_the_model_training_view():
     assert _client().get_experiment(chosen).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
     assert tracking.experiment_ui_url("kind-new", "http://127.0.0.1:5000") == \
         f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    untagged = _client().create_experiment("kind-link")  # the link tags it too (make mlflow-ui before a repro)
+    tracking.experiment_ui_url("kind-link")
+    assert _client().get_experiment(untagged).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 def _stage(experiment: str, stage: str, value: float, fail: bool = False) -> None:

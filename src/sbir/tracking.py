@@ -89,8 +89,12 @@ def get_or_create_experiment(name: str) -> str:
 
 def experiment_ui_url(name: str, base: str = "http://127.0.0.1:5000") -> str:
     """The MLflow UI's runs table of an experiment in the model-training view (``workflowType`` is
-    the UI's GenAI / machine-learning toggle, which MLflow 3 keeps per browser, GenAI by default)."""
-    exp = _client().get_experiment_by_name(name)
+    the UI's GenAI / machine-learning toggle, which MLflow 3 keeps per browser, GenAI by default).
+    An experiment made before the kind tag existed gets it here, so the UI does not ask for its type."""
+    client = _client()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None and EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     where = f"experiments/{exp.experiment_id}/runs" if exp is not None else "experiments"
     return f"{base.rstrip('/')}/#/{where}?workflowType=machine_learning"
 
