@@ -235,7 +235,7 @@ def chromium() -> str:
     return path
 
 
-def test_browser_draws_sketches_and_the_drawn_class_ranks_first(catalog, chromium, tmp_path):
+def test_browser_draws_sketches_and_the_drawn_class_ranks_first(chromium, catalog, tmp_path):
     from sbir.app.browser import chromium_page, draw_stroke3, search_drawn
     from sbir.app.server import Limits, create_app, serve_in_background
 
