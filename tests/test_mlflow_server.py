@@ -88,7 +88,7 @@ def test_stage_logs_to_tracking_server_and_reads_back_over_rest(mlflow_server, t
     params["teacher_pretrain"].update(epochs=2, batch_size=32)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, SBIR_MLFLOW_URI=mlflow_server, SBIR_RAY_RESULTS=str(tmp_path / "ray_results"),
-               PATH=f"{BIN}:{os.environ['PATH']}")
+               SBIR_LOG_DIR=str(tmp_path / "logs"), PATH=f"{BIN}:{os.environ['PATH']}")
     proc = subprocess.run([sys.executable, "-m", "sbir", "run", "teacher_pretrain", "--params",
                            str(tmp_path / "params.yaml")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -112,7 +112,10 @@ def test_stage_logs_to_tracking_server_and_reads_back_over_rest(mlflow_server, t
     assert sorted(int(m["step"]) for m in hist) == [0, 1]
     # artifacts: listed and downloadable, identical to the stage's output files
     listed = {f["path"] for f in _get(mlflow_server, "/api/2.0/mlflow/artifacts/list", run_id=run_id)["files"]}
-    assert {"metrics.json", "teachers.pt", "curves.png"} <= listed, listed
+    assert {"metrics.json", "teachers.pt", "curves.png", "logs"} <= listed, listed
+    query = urllib.parse.urlencode({"run_id": run_id, "path": "logs"})
+    logs = {f["path"] for f in _get(mlflow_server, f"/api/2.0/mlflow/artifacts/list?{query}")["files"]}
+    assert logs == {"logs/teacher_pretrain.log"}, logs  # the stage's log, sent once the run had ended
     url = f"{mlflow_server}/get-artifact?" + urllib.parse.urlencode({"path": "metrics.json", "run_uuid": run_id})
     with urllib.request.urlopen(url, timeout=30) as r:
         assert json.loads(r.read()) == local
