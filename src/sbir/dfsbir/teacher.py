@@ -118,7 +118,7 @@ def teacher_loop(config: dict) -> None:
     start_epoch, history = (state["epoch"] + 1, state["history"]) if state else (0, [])
     rt.broadcast_module(teachers)
     gen = torch.Generator().manual_seed(seed + 1000 * rt.world()[0])
-    for epoch in range(start_epoch, p.epochs):
+    for epoch in rt.progress(range(start_epoch, p.epochs), total=p.epochs - start_epoch, desc="teachers"):
         t0 = time.time()
         metrics = train_one_epoch(teachers, opt, sched, data, p, epoch, seed, gen, device, steps_per_epoch)
         metrics.update(evaluate_teachers(teachers, data, p.image_size, device))
@@ -138,8 +138,7 @@ def train_one_epoch(teachers: TeacherSet, opt, sched, data: TeacherData, p: Teac
     photos, sketches = data.photos, data.sketches
     sketch_iter = iter(rt.shard_indices(len(sketches), p.batch_size, epoch, seed + 1))
     n_steps = 0
-    for pb in rt.progress(rt.shard_indices(len(photos), p.batch_size, epoch, seed),
-                          total=steps_per_epoch, desc=f"teachers epoch {epoch}"):
+    for pb in rt.shard_indices(len(photos), p.batch_size, epoch, seed):
         try:
             sb = next(sketch_iter)
         except StopIteration:
