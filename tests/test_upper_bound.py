@@ -39,3 +39,24 @@ def test_shared_proxies_are_one_tensor_and_per_modality_ones_are_the_teachers_ro
 
 def test_per_modality_is_a_valid_proxy_init():
     assert DistillParams(proxy_init="per_modality").proxy_init == "per_modality"
+
+
+def test_split_known_keeps_each_modality_to_its_teachers_classes():
+    """Class-split studies: the upper bound trains each modality on the classes its teacher knows and
+    validates on the classes both know (a class no teacher saw stays unseen)."""
+    from sbir.data.datasets import ImageSet
+    from sbir.dfsbir.upper_bound import split_known
+
+    labels = torch.tensor([c for c in range(4) for _ in range(10)])
+    images = ImageSet(images=torch.zeros(40, 1, 4, 4, dtype=torch.uint8), labels=labels,
+                      ids=[str(i) for i in range(40)])
+    mask = lambda ids: torch.isin(torch.arange(4), torch.tensor(ids))  # noqa: E731
+    teachers = type("Teachers", (), {"photo_teacher": type("T", (), {"known": mask([0, 1])})(),
+                                     "sketch_teacher": type("T", (), {"known": mask([1, 2])})()})()
+    (p_train, p_val), (s_train, s_val) = split_known(images, images, teachers, 0.2, seed=0)
+    assert set(labels[p_train].tolist()) == {0, 1} and set(labels[s_train].tolist()) == {1, 2}
+    assert set(labels[p_val].tolist()) == {1} and set(labels[s_val].tolist()) == {1}
+    everything = type("Teachers", (), {"photo_teacher": type("T", (), {"known": mask([0, 1, 2, 3])})(),
+                                       "sketch_teacher": type("T", (), {"known": mask([0, 1, 2, 3])})()})()
+    (p_train, p_val), _ = split_known(images, images, everything, 0.2, seed=0)
+    assert torch.equal(p_val, holdout_split(labels, 0.2, seed=0)[1])  # the default split is unchanged

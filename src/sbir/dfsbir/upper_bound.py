@@ -39,6 +39,21 @@ def holdout_split(labels: torch.Tensor, share: float, seed: int) -> tuple[torch.
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
+def split_known(photos: ImageSet, sketches: ImageSet, teachers, share: float, seed: int
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(train, validation) indices of the photos and of the sketches. In the class-split studies the
+    upper bound sees only what the teachers saw (each modality the classes its teacher was trained
+    on) and validates on the classes both know."""
+    known_p, known_s = teachers.photo_teacher.known.cpu(), teachers.sketch_teacher.known.cpu()
+    out = []
+    for images, known, other, salt in ((photos, known_p, known_s, 0), (sketches, known_s, known_p, 1)):
+        rows = torch.nonzero(known[images.labels]).flatten()
+        train, val = holdout_split(images.labels[rows], share, seed + salt)
+        val = val[other[images.labels[rows[val]]]]  # validation pairs need both modalities
+        out.append((rows[train], rows[val]))
+    return out[0], out[1]
+
+
 @dataclass
 class LabelledPairs:
     """Real training sketches, each paired with a random training photo of its class (category level)."""
@@ -54,15 +69,20 @@ class LabelledPairs:
         self.by_class = {c: self.photo_idx[labels == c] for c in labels.unique().tolist()}
 
     def batch(self, n: int, gen: torch.Generator, augmented: bool) -> tuple[torch.Tensor, ...]:
+        """(photos, sketches, photo labels, sketch labels). A sketch whose class has no training photo
+        (a class only the sketch teacher knows, in the class-split studies) gets any photo."""
         sb = self.sketch_idx[torch.randint(0, len(self.sketch_idx), (n,), generator=gen)]
-        labels = self.sketches.labels[sb]
-        pb = torch.stack([self.by_class[c][torch.randint(0, len(self.by_class[c]), (1,), generator=gen)][0]
-                          for c in labels.tolist()])
+        labels_s = self.sketches.labels[sb]
+        pb = torch.stack([self._photo_of(c, gen) for c in labels_s.tolist()])
         x_p = resize(to_float(self.photos.images[pb]), self.size)
         x_s = resize(to_float(self.sketches.images[sb]), self.size)
         if augmented:
             x_p, x_s = augment(x_p, gen), augment(x_s, gen)
-        return x_p, x_s, labels
+        return x_p, x_s, self.photos.labels[pb], labels_s
+
+    def _photo_of(self, c: int, gen: torch.Generator) -> torch.Tensor:
+        rows = self.by_class.get(c, self.photo_idx)
+        return rows[torch.randint(0, len(rows), (1,), generator=gen)][0]
 
 
 def validation_map(students: EncoderPair, photos: ImageSet, sketches: ImageSet, photo_idx: torch.Tensor,
@@ -87,8 +107,7 @@ def upper_bound_loop(config: dict) -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.max_steps)
     ds = open_dataset(config["dataset_dir"])
     photos, sketches = load_image_set(ds, "photos", ["train"]), load_image_set(ds, "sketches", ["train"])
-    (p_train, p_val), (s_train, s_val) = (holdout_split(photos.labels, p.val_share, seed),
-                                          holdout_split(sketches.labels, p.val_share, seed + 1))
+    (p_train, p_val), (s_train, s_val) = split_known(photos, sketches, teachers, p.val_share, seed)
     pairs = LabelledPairs(photos, sketches, p_train, s_train, size)
     state = rt.restore_into(students=students, proxies=proxies, optimizer=opt, scheduler=sched)
     start, history = (state["step"] + 1, state["history"]) if state else (0, [])
@@ -123,8 +142,8 @@ def upper_bound_loop(config: dict) -> None:
 def train_step(students: EncoderPair, proxies: L.StudentProxies, opt: torch.optim.Optimizer, teachers,
                pairs: LabelledPairs, p: UpperBoundParams, gen: torch.Generator, step: int, sums: dict[str, float],
                device: torch.device) -> None:
-    x_p, x_s, labels = (t.to(device) for t in pairs.batch(p.batch_size, gen, p.augment))
-    terms = student_losses(students, proxies, teachers, x_p, x_s, p, labels, labels)
+    x_p, x_s, labels_p, labels_s = (t.to(device) for t in pairs.batch(p.batch_size, gen, p.augment))
+    terms = student_losses(students, proxies, teachers, x_p, x_s, p, labels_p, labels_s)
     total = weighted_total(terms, p)
     rt.check_finite({**terms, "total": total}, step, "upper_bound")
     opt.zero_grad(set_to_none=True)
