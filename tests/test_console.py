@@ -49,7 +49,7 @@ def test_training_stage_on_ray_workers_prints_a_start_and_an_end_line(tmp_path, 
     noise = {name: ln for ln in lines for name, rx in console_lines.NOISE.items() if rx.search(ln)}
     assert not noise, noise
     bars = [ln for ln in console_lines.console_lines(text) if console_lines.is_progress_bar(ln)]
-    assert any("teachers epoch 1" in b for b in bars), "no progress bar reached the console"
+    assert any("teachers" in b for b in bars), f"no progress bar reached the console: {bars}"
 
     # the log file has the whole record: both lines, the full metrics, where Ray's own logs are
     assert "(log: logs/embedded-default/teacher_pretrain.log)" in lines[1]
