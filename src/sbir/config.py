@@ -68,6 +68,7 @@ class PrepareParams(Params):
     labelled_share: float = Field(0.2, gt=0, le=1)
     line_width: float = Field(1.0, gt=0)
     clutter: float = Field(1.0, ge=0)
+    stroke_order: Literal["canonical", "random"] = "canonical"
 
 
 class TeacherParams(Params):

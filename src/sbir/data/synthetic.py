@@ -13,8 +13,12 @@ possible but not trivial.
   at 3x supersampling with PIL and downsampled with an antialiasing filter.
 * **Sketches** draw the same geometry as stroke-3 with human-like
   abstraction: wobbly, jittered lines, RDP simplification, dropped parts and
-  occasional extra strokes, random stroke order and direction, split loops,
-  overshoot, a slight global affine distortion; rendered by
+  occasional extra strokes, split loops, overshoot, a slight global affine
+  distortion. Stroke order, start and direction are canonical by default
+  (``stroke_order="canonical"``: essential parts first in the class template's
+  order, closed outlines from their top-left point clockwise, open strokes from
+  their left/top end), the way people draw a familiar object, so a generator can
+  learn them from the photo; ``"random"`` shuffles all three. Rendered by
   :func:`sbir.strokes.rasterise` (the one rasteriser of the project).
 
 Splits are by instance (``split`` = "train"/"test"). Every sketch carries the
@@ -82,6 +86,8 @@ class SyntheticConfig:
     labelled_share: float = 0.2
     line_width: float = 1.0
     clutter: float = 1.0
+    #: "canonical" (a fixed drawing order, start and direction per part) or "random" (see the module docstring)
+    stroke_order: str = "canonical"
     #: draw sketches for the unlabelled train photos too (kept with their photo_id)
     unlabelled_sketches: bool = True
 
@@ -136,6 +142,7 @@ class SyntheticConfig:
             "must be a number in [0, 10]",
         )
         need(isinstance(self.unlabelled_sketches, bool), "unlabelled_sketches", "must be a bool")
+        need(self.stroke_order in ("canonical", "random"), "stroke_order", 'must be "canonical" or "random"')
 
 
 @dataclass
@@ -902,9 +909,29 @@ def _wobble(pts: np.ndarray, rng: np.random.Generator, amp: float) -> np.ndarray
     return pts + off[:, None] * nrm + drift + rng.normal(0, amp * 0.15, pts.shape)
 
 
-def draw_sketch(parts: list[Part], rng: np.random.Generator) -> np.ndarray:
-    """Draw an instance as a human-like stroke-3 sketch (float32, 256-unit y-down frame)."""
-    order = sorted(range(len(parts)), key=lambda i: (0 if parts[i].essential else 2) + rng.normal(0, 1.2))
+def _top_left_first(pts: np.ndarray) -> bool:
+    """Whether an open stroke already starts at its top-left end (y-up frame)."""
+    return float(pts[0, 0] - pts[0, 1]) <= float(pts[-1, 0] - pts[-1, 1])
+
+
+def _canonical_loop(pts: np.ndarray) -> np.ndarray:
+    """A closed outline clockwise on the page (negative signed area in the y-up frame), starting at its
+    top-left point."""
+    x, y = pts[:, 0], pts[:, 1]
+    if float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)) > 0:
+        pts = pts[::-1]
+    return np.roll(pts, -int(np.argmin(pts[:, 0] - pts[:, 1])), axis=0)
+
+
+def draw_sketch(parts: list[Part], rng: np.random.Generator, canonical: bool = True) -> np.ndarray:
+    """Draw an instance as a human-like stroke-3 sketch (float32, 256-unit y-down frame).
+
+    ``canonical``: essential parts first in template order, closed outlines clockwise from their
+    top-left point, open strokes from their top-left end; otherwise order, start and direction are
+    random. The random draws are made either way, so both modes share the rest of the noise."""
+    order_noise = [rng.normal(0, 1.2) for _ in parts]
+    rank = [1e-3 * i if canonical else order_noise[i] for i in range(len(parts))]
+    order = sorted(range(len(parts)), key=lambda i: (0 if parts[i].essential else 2) + rank[i])
     amp = rng.uniform(0.006, 0.028)
     drop_p = rng.uniform(0.05, 0.35)
     strokes: list[np.ndarray] = []
@@ -914,12 +941,14 @@ def draw_sketch(parts: list[Part], rng: np.random.Generator) -> np.ndarray:
             continue
         pts = p.points
         if p.closed:
-            pts = np.roll(pts, -int(rng.integers(len(pts))), axis=0)
+            shift = int(rng.integers(len(pts)))
+            pts = _canonical_loop(pts) if canonical else np.roll(pts, -shift, axis=0)
             over = int(rng.integers(0, 3)) if rng.random() < 0.35 else 0
             pts = np.concatenate([pts, pts[: 1 + over]], axis=0)
         pts = _resample(pts, 0.035)
         pts = _wobble(pts, rng, amp)
-        if rng.random() < 0.35:
+        flip = rng.random() < 0.35
+        if (not p.closed and not _top_left_first(pts)) if canonical else flip:
             pts = pts[::-1]
         if p.closed and len(pts) > 12 and rng.random() < 0.25:
             k = int(rng.integers(4, len(pts) - 4))
@@ -982,7 +1011,7 @@ def generate(cfg: SyntheticConfig | None = None) -> SyntheticDataset:
                 if split == "train" and not is_lab and not cfg.unlabelled_sketches:
                     continue
                 for k in range(cfg.sketches_per_photo):
-                    strokes = draw_sketch(parts, s_rng)
+                    strokes = draw_sketch(parts, s_rng, cfg.stroke_order == "canonical")
                     class_sketches.append((pid, f"{pid}_s{k}", split, strokes))
         if class_sketches:
             ink = rasterise([c[3] for c in class_sketches], size=cfg.sketch_size, line_width=cfg.line_width)

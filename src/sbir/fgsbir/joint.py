@@ -13,7 +13,8 @@ Variants, run one after the other inside the same loop (one Ray start-up for all
 model gets the same budget: ``supervised_steps`` steps at ``lr`` (a ``*_pretrain`` model), then
 ``joint_steps`` steps at ``joint_lr``:
 
-1. ``supervised``: triplet on the labelled pairs, negatives among the labelled photos;
+1. ``supervised``: triplet on the labelled pairs, negatives among all train photos (the unlabelled
+   photos are there for every variant: only ``semi`` pairs them with sketches);
    ``supervised_pretrain`` (its first phase) is the frozen teacher of the consistency loss and the
    starting point of ``semi``.
 2. ``full`` (upper bound): triplet on every train sketch with a photo_id, negatives among all photos.
@@ -183,7 +184,6 @@ class JointData:
         if len(self.lab_s) == 0:
             raise ValueError(f"{ds.root}: no labelled train pair")
         self.labels = self.photos.labels
-        self.labelled_photos = torch.unique(self.lab_p)
         self.all_photos = torch.arange(len(self.photos))
         self.sketch_size = int(self.sketches.images.shape[-1])
         self.pool_rows = torch.zeros(0, dtype=torch.long)
@@ -322,12 +322,9 @@ class VariantRun:
     def f_step(self, gen: torch.Generator, b_lab: int, b_pse: int) -> dict[str, float]:
         """One F step (after D's steps in a semi variant): labelled triplet [+ pseudo triplet + consistency]."""
         d, p, spec = self.data, self.p, self.spec
-        if spec.kind == "full":
-            pairs_s, pairs_p, neg_pool = d.all_s, d.all_p, d.all_photos
-        elif spec.kind == "supervised":
-            pairs_s, pairs_p, neg_pool = d.lab_s, d.lab_p, d.labelled_photos
-        else:
-            pairs_s, pairs_p, neg_pool = d.lab_s, d.lab_p, d.all_photos
+        # one negative pool (all train photos) for every variant, so they differ only in their positives
+        neg_pool = d.all_photos
+        pairs_s, pairs_p = (d.all_s, d.all_p) if spec.kind == "full" else (d.lab_s, d.lab_p)
         li = _draw(len(pairs_s), b_lab, gen)
         s_rows, p_rows = pairs_s[li], pairs_p[li]
         terms: dict[str, torch.Tensor] = {}
