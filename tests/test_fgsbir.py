@@ -233,6 +233,7 @@ def test_tiny_pipeline_end_to_end(tiny_dataset, tmp_path):
 
     m = run_stage("sketch_generator", argv)
     assert m["steps"] == 4 and m["num_pairs"] > 0 and math.isfinite(m["train_total"])
+    assert math.isfinite(m["photo_loss_gain"]) and 0.0 <= m["attention_entropy"] <= 1.0
     g, blob = load_generator(out / "sketch_generator/generator.pt")
     assert blob["config"]["max_len"] == 20 and float(g.offset_scale[0]) > 0
     assert (out / "sketch_generator/samples.png").stat().st_size > 0
@@ -260,6 +261,8 @@ def test_tiny_pipeline_end_to_end(tiny_dataset, tmp_path):
         for k in (1, 5, 10):
             assert 0.0 <= m[f"{name}/acc@{k}"] <= 1.0
     assert m["gallery_size"] == 32 and m["num_queries"] == 32
+    for g_name in ("pretrained", "after_pg"):  # G's sketches of the test photos as queries, before and after PG
+        assert 1.0 <= m[f"generated_{g_name}/full/mean_rank"] <= 32 and 0.0 <= m[f"generated_{g_name}/semi/acc@5"] <= 1.0
     emb = out / "fg_evaluate/embeddings"
     q, g_ = np.load(emb / "semi_query.npy"), np.load(emb / "semi_gallery.npy")
     from sbir.metrics import accuracy_at_k, true_match_ranks
@@ -279,3 +282,27 @@ def test_joint_needs_earlier_outputs(tiny_dataset, tmp_path):
                                      "ray": {"num_workers": 0}}))
     with pytest.raises(FileNotFoundError, match="students.pt"):
         run_stage("fgsbir_joint", ["--params", str(pfile), "--no-mlflow"])
+
+
+def test_teacher_agreement_scores_pseudo_and_real_sketches(tmp_path):
+    """pseudo_pairs.teacher_check: the sketch teacher's accuracy on pseudo sketches against their photo's
+    class, the real train sketches for reference, and chance over the classes the teacher knows."""
+    from sbir.config import TeacherParams
+    from sbir.fgsbir.pseudo_pairs import teacher_agreement
+    from sbir.models.checkpoints import TeacherSet
+
+    p = TeacherParams(sketch_classes=[0, 1, 2, 3])
+    torch.manual_seed(0)
+    teachers = TeacherSet(p, 5)
+    torch.save({"params": p.model_dump(mode="json"), "num_classes": 5, "model": teachers.state_dict()},
+               tmp_path / "teachers.pt")
+    images = torch.randint(0, 256, (10, 1, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(10) % 5
+    teachers.eval()
+    with torch.no_grad():
+        pred = teachers.sketch_teacher(images.float().div(255).expand(-1, 3, -1, -1)).argmax(1)
+    real = ImageSet(ids=[str(i) for i in range(10)], images=images, labels=labels)
+    out = teacher_agreement(tmp_path / "teachers.pt", images, labels, real)
+    assert out["sketch_teacher_acc_pseudo"] == pytest.approx(float((pred == labels).float().mean()), abs=1e-4)
+    assert out["sketch_teacher_acc_real_train"] == out["sketch_teacher_acc_pseudo"]
+    assert out["chance_class_acc"] == 0.25

@@ -437,3 +437,25 @@ def test_training_on_real_sheep_strokes_default_sizes(tmp_path):
     cfg = SketchGeneratorConfig(max_len=80)
     per_step, first, last = _train_and_check(tmp_path, 600, 150, cfg, min_drop=0.8)
     print(f"default: {per_step:.3f} s/step, recon {first:.3f} -> {last:.3f}")
+
+
+def test_photo_dependence_is_zero_for_a_generator_that_ignores_its_photo():
+    """photo_dependence: the loss with a swapped photo minus the loss with the own photo. A G whose
+    encoder output is zeroed cannot tell photos apart (gain 0); the attention entropy is a share of
+    log(H*W) in [0, 1]."""
+    from sbir.fgsbir.generator_train import StrokeBank, photo_dependence
+
+    rng = np.random.default_rng(0)
+    bank = StrokeBank(random_sketches(rng, 6), 20)
+    photos = torch.rand(6, 3, 32, 32)
+    model = small_model()
+    out = photo_dependence(model, bank, photos, torch.arange(6))
+    assert set(out) >= {"photo_loss_gain", "attention_entropy", "photo_loss_own", "photo_loss_shuffled"}
+    assert 0.0 <= out["attention_entropy"] <= 1.0 and out["attention_cells"] == 64
+    assert out["photo_loss_gain"] == pytest.approx(out["photo_loss_shuffled"] - out["photo_loss_own"], abs=2e-4)
+    for m in model.encoder.modules():  # a blind encoder: every photo gives the same features and latent
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.zeros_(m.weight)
+            torch.nn.init.zeros_(m.bias) if m.bias is not None else None
+    blind = photo_dependence(model, bank, photos, torch.arange(6))
+    assert blind["photo_loss_gain"] == pytest.approx(0.0, abs=1e-5)

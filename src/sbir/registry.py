@@ -79,7 +79,7 @@ _STAGES = (
               "semi-supervised with discriminator-weighted pseudo pairs, consistency and REINFORCE updates of "
               "G, fully supervised) in one Ray Train fit. Writes checkpoints/<variant>.pt.",
               trains=True, key_metrics=("semi/final_total", "supervised/final_total")),
-    StageSpec("fg_evaluate", "sbir.fgsbir.evaluate:run_fg_evaluate", ("fg_evaluate",),
+    StageSpec("fg_evaluate", "sbir.fgsbir.evaluate:run_fg_evaluate", ("fg_evaluate", "pseudo_pairs.line_width"),
               "Fine-grained evaluation: each test sketch queries the test photos for its own photo; Acc@k, "
               "ranks, rank histogram and retrieval grids per variant.", shared=(),
               key_metrics=("semi/acc@1", "supervised/acc@1", "full/acc@1")),

@@ -92,6 +92,8 @@ def run_fg_evaluate(ctx) -> dict[str, Any]:
         np.save(emb_dir / f"{name}_ranks.npy", ranks_by[name])
     write_plots(ctx.tmp_out, p, sketches, photos, q_rows, true_idx, ranks_by, embs, list(checkpoints))
     metrics: dict[str, Any] = {f"{m}/{k}": round(float(v), 4) for m, vals in table.items() for k, v in vals.items()}
+    if p.generated_queries:
+        metrics.update(generated_query_metrics(ctx, p, photos, checkpoints, int(sketches.images.shape[-1])))
     if "semi" in table and "supervised" in table:
         for k in p.ks:
             metrics[f"semi_minus_supervised/acc@{k}"] = round(table["semi"][f"acc@{k}"] - table["supervised"][f"acc@{k}"], 4)
@@ -101,6 +103,43 @@ def run_fg_evaluate(ctx) -> dict[str, Any]:
     (ctx.tmp_out / "results_table.md").write_text(md)
     print(md)
     return metrics
+
+
+def generators(ctx) -> dict[str, Any]:
+    """G as the sketch_generator stage left it (``pretrained``) and, when fgsbir_joint's semi variant ran
+    policy gradient, G after it (``after_pg``)."""
+    from sbir.models.checkpoints import load_generator, read_checkpoint
+
+    g, _ = load_generator(ctx.input("sketch_generator", "generator.pt"))
+    out = {"pretrained": g}
+    extras = ctx.stage_dir("fgsbir_joint") / "checkpoints" / "semi_generator_discriminator.pt"
+    if extras.exists() and "generator" in (blob := read_checkpoint(extras)):
+        g_pg, _ = load_generator(ctx.input("sketch_generator", "generator.pt"))
+        g_pg.load_state_dict(blob["generator"])
+        out["after_pg"] = g_pg
+    return out
+
+
+def generated_query_metrics(ctx, p: FGEvaluateParams, photos: ImageSet, checkpoints: dict[str, Path],
+                            sketch_size: int) -> dict[str, float]:
+    """Each G draws one sketch of every test photo (seed 0, ``generated_temperature``, rendered as the
+    pseudo pairs are); each F of supervised/semi/full ranks the test photos for it. A G that draws its
+    photo has a low mean rank under the fully supervised F (chance: (N + 1) / 2)."""
+    from sbir.fgsbir.generator_train import draw, render_sketches
+
+    out: dict[str, float] = {}
+    models = {n: load_retrieval_checkpoint(checkpoints[n]) for n in ("supervised", "semi", "full") if n in checkpoints}
+    truth = torch.arange(len(photos))
+    for g_name, g in generators(ctx).items():
+        strokes, _, _ = draw(g, photos.images, p.generated_temperature, seed=0)
+        images = render_sketches(strokes, sketch_size, ctx.params.pseudo_pairs.line_width)
+        for f_name, (model, blob) in models.items():
+            size = blob["arch"].get("image_size")
+            q = embed(model.sketch_encoder, images, size=size, batch=p.batch_size)
+            g_emb = embed(model.photo_encoder, photos.images, size=size, batch=p.batch_size)
+            m, _ = fine_grained_metrics(q, g_emb, truth, p.ks)
+            out.update({f"generated_{g_name}/{f_name}/{k}": round(float(v), 4) for k, v in m.items()})
+    return out
 
 
 def write_plots(out: Path, p: FGEvaluateParams, sketches: ImageSet, photos: ImageSet, q_rows: torch.Tensor,

@@ -248,6 +248,36 @@ def _eval_loss(model: PhotoToSketchGenerator, bank: StrokeBank, photo_f: torch.T
     return {f"eval_{k}": float(out[k]) for k in ("total", "gmm_nll", "pen_ce", "kl")}
 
 
+@torch.no_grad()
+def photo_dependence(model: PhotoToSketchGenerator, bank: StrokeBank, photo_f: torch.Tensor, p_rows: torch.Tensor,
+                     seed: int = 0) -> dict[str, float]:
+    """Does G draw *its* photo? On pairs (``bank``, photos ``photo_f[p_rows]``), with the latent at mu:
+
+    * ``photo_loss_gain``: the VAE loss with each sketch's photo swapped for another pair's photo, minus
+      the loss with its own photo (nats per row; 0 = G ignores the photo);
+    * ``attention_entropy``: the mean entropy of the attention map over the real rows, as a share of
+      log(H*W) (1 = uniform attention, a map that looks nowhere in particular)."""
+    if len(bank) < 2:
+        return {}
+    model.eval()
+    idx = torch.arange(len(bank))
+    x, lengths = bank.batch(idx)
+    device = next(model.parameters()).device
+    x, lengths = x.to(device), lengths.to(device)
+    own = photo_f[p_rows].to(device)
+    perm = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))
+    perm = torch.where(perm == idx, (perm + 1) % len(bank), perm)  # no pair keeps its own photo
+    shuffled = own[perm.to(device)]
+    loss_own = float(model.loss(own, x, lengths)["total"])
+    loss_shuffled = float(model.loss(shuffled, x, lengths)["total"])
+    attn = model(own, x[:, :-1], latent="mean")["attention"].clamp_min(1e-12)  # (B, T, H*W)
+    ent = -(attn * attn.log()).sum(-1) / math.log(attn.shape[-1]) if attn.shape[-1] > 1 else attn.new_zeros(attn.shape[:2])
+    real = torch.arange(ent.shape[1], device=device).view(1, -1) < lengths.view(-1, 1)
+    return {"photo_loss_own": round(loss_own, 4), "photo_loss_shuffled": round(loss_shuffled, 4),
+            "photo_loss_gain": round(loss_shuffled - loss_own, 4),
+            "attention_entropy": round(float(ent[real].mean()), 4), "attention_cells": int(attn.shape[-1])}
+
+
 # ----------------------------------------------------------------------------- the stage body
 @torch.no_grad()
 def draw(model: PhotoToSketchGenerator, photos_u8: torch.Tensor, temperature: float, greedy: bool = False,
@@ -281,6 +311,10 @@ def run_sketch_generator(ctx) -> dict[str, Any]:
     torch.save({k: state[k] for k in ("model", "optimizer", "scheduler", "step", "params", "config", "offset_scale",
                                       "num_pairs")}, ctx.tmp_out / "generator.pt")
     metrics = write_samples(ctx, ds, p)
+    data = load_generator_data(str(dataset_dir), p)
+    if data.eval_bank is not None:  # on the test pairs G never trained on
+        metrics.update(photo_dependence(load_generator(ctx.tmp_out / "generator.pt")[0], data.eval_bank,
+                                        data.eval_photos, data.eval_rows, ctx.params.seed))
     history = state["history"]
     last = history[-1]
     keys = [k for k in last if k.startswith(("train_", "eval_"))]

@@ -66,6 +66,9 @@ class PseudoPairsParams(FGParams):
                                                      "embedded dataset renders real sketches at 1.0)")
     render_size: int | None = Field(None, ge=8, description="rendered size; null = the dataset's sketch size")
     num_preview: int = Field(12, ge=1, description="rows of pairs.png")
+    teacher_check: bool = Field(False, description="classify the pseudo sketches (and the real train sketches, "
+                                "for reference) with teacher_pretrain's sketch teacher: is G's drawing "
+                                "recognisable as its photo's class? Needs the teacher_pretrain stage")
 
 
 # ----------------------------------------------------------------------------- fgsbir_joint
@@ -179,3 +182,7 @@ class FGEvaluateParams(FGParams):
     num_retrieval_examples: int = Field(8, ge=1, description="queries in the top-k retrieval grid")
     top_k_shown: int = Field(5, ge=1, description="retrievals per query in the grid")
     max_rank_shown: int = Field(50, ge=1, description="rank histogram: ranks above go to one bin")
+    generated_queries: bool = Field(True, description="also query with G's sketch of every test photo (the "
+                                    "sketch_generator's G, and semi's G after policy gradient when it exists): "
+                                    "does a generated sketch retrieve its own photo? (ranked by each F)")
+    generated_temperature: float = Field(0.4, gt=0, description="sampling temperature of those sketches")

@@ -127,8 +127,32 @@ def run_pseudo_pairs(ctx) -> dict[str, Any]:
         "mean_ink": round(float(1.0 - images.float().mean() / 255.0), 4),
         "generate_seconds": round(gen_seconds, 1),
     }
+    if p.teacher_check:
+        metrics.update(teacher_agreement(ctx.input("teacher_pretrain", "teachers.pt"), images, photos.labels[unl],
+                                         sketches))
     ctx.write_json("metrics.json", metrics)
     return metrics
+
+
+@torch.no_grad()
+def teacher_agreement(teachers_path, pseudo_images: torch.Tensor, pseudo_labels: torch.Tensor, real: ImageSet,
+                      batch: int = 512) -> dict[str, float]:
+    """The sketch teacher's accuracy on the pseudo sketches (against their photo's class) and, for
+    reference, on the real train sketches (which it was trained on: an optimistic ceiling)."""
+    from sbir.models.backbones import resize, to_float
+    from sbir.models.checkpoints import load_teachers
+
+    teachers, blob = load_teachers(teachers_path)
+    size = int(blob["params"]["image_size"])
+
+    def acc(images: torch.Tensor, labels: torch.Tensor) -> float:
+        pred = torch.cat([teachers.sketch_teacher(resize(to_float(images[i : i + batch]), size)).argmax(1)
+                          for i in range(0, len(images), batch)])
+        return round(float((pred == labels).float().mean()), 4)
+
+    return {"sketch_teacher_acc_pseudo": acc(pseudo_images, pseudo_labels),
+            "sketch_teacher_acc_real_train": acc(real.images, real.labels),
+            "chance_class_acc": round(1.0 / int(teachers.sketch_teacher.known.sum()), 4)}
 
 
 def preview_unlabelled(ds, photos: ImageSet, sketches: ImageSet, unl: torch.Tensor, images: torch.Tensor, k: int
