@@ -215,7 +215,8 @@ TINY_PARAMS = {
     "pseudo_pairs": {"batch_size": 32, "num_preview": 4},
     "fgsbir_joint": {"init": "scratch", "supervised_steps": 3, "joint_steps": 3, "batch_size": 8,
                      "pseudo_batch_size": 8, "log_every": 2, "ablations": ["no_weighting", "oracle_sketches"],
-                     "policy_gradient": {"every": 2, "batch_size": 4}},
+                     "policy_gradient": {"every": 2, "batch_size": 4, "baseline": "moving_average",
+                                         "photos": "unlabelled"}},
     "fg_evaluate": {"ks": [1, 5, 10], "num_retrieval_examples": 3},
 }
 
@@ -255,6 +256,7 @@ def test_tiny_pipeline_end_to_end(tiny_dataset, tmp_path):
     assert m["num_pseudo_pairs"] == len(unlabelled) and 0 < m["num_labelled_pairs"] <= m["num_all_pairs"]
     scores = pq.read_table(out / "fgsbir_joint/pseudo_scores.parquet").column("discriminator_score").to_numpy()
     assert len(scores) == len(unlabelled) and np.all((scores >= 0) & (scores <= 1))
+    assert math.isfinite(m["semi/first_g_reward"]) and math.isfinite(m["semi/final_g_reward_retrieval"])
 
     m = run_stage("fg_evaluate", argv)
     for name in ("chance", "supervised", "semi", "full", "semi_no_weighting"):

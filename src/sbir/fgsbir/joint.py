@@ -25,11 +25,13 @@ model gets the same budget: ``supervised_steps`` steps at ``lr`` (a ``*_pretrain
      the batch (mean 1, clipped at ``weight_clip``) + consistency: KL(teacher || student) of the
      sketch-to-photo similarity softmax (cosine / tau) over the batch's pseudo-pair gallery, the
      teacher being the frozen ``supervised_pretrain`` model;
-   * every ``policy_gradient.every`` F steps a G step: G draws sketches for a batch of unlabelled
-     photos, they are rasterised (the same rasteriser as the data), and G is updated by REINFORCE
-     with reward = retrieval reward under F + lambda * log D, minus a moving-average baseline,
-     plus the supervised VAE loss on labelled pairs; the new sketches replace those photos' pseudo
-     sketches in the pool (each worker refreshes its own copy of the pool).
+   * every ``policy_gradient.every`` F steps a G step: G draws sketches for a batch of train photos
+     (labelled and unlabelled, as the paper; ``policy_gradient.photos``), they are rasterised (the
+     same rasteriser as the data), and G is updated by REINFORCE with reward = retrieval reward
+     under F + lambda * log D, minus a baseline: self-critical (the reward of G's greedy sketch of
+     the same photo) or a moving average, plus the supervised VAE loss on labelled pairs; the new
+     sketches of unlabelled photos replace their pseudo sketches in the pool (each worker refreshes
+     its own copy of the pool).
 4. ``ablations``: semi with one part switched off, and ``oracle_sketches``: semi whose pseudo pool
    holds the unlabelled photos' *real* sketches (no G): what the rest of the method makes of perfect
    pseudo sketches, i.e. the ceiling a better generator could reach.
@@ -404,39 +406,53 @@ class VariantRun:
                    "d_fake": float(torch.sigmoid(fake.detach()).mean())}
         return out
 
+    def g_photo_rows(self, gen: torch.Generator, b_gen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The photo rows G draws in a REINFORCE step (``policy_gradient.photos``: all train photos, as the
+        paper, or the unlabelled ones) and, for each, its slot in the pseudo pool (-1: not in the pool)."""
+        if self.p.policy_gradient.photos == "unlabelled":
+            ui = _draw(len(self.pool_rows), b_gen, gen)
+            return self.pool_rows[ui], ui
+        rows = _draw(len(self.data.photos), b_gen, gen)
+        slot = torch.full((len(self.data.photos),), -1, dtype=torch.long)
+        slot[self.pool_rows] = torch.arange(len(self.pool_rows))
+        return rows, slot[rows]
+
     def g_step(self, gen: torch.Generator, b_gen: int) -> dict[str, float]:
-        """REINFORCE step of G on unlabelled photos + the supervised VAE loss on labelled pairs."""
+        """REINFORCE step of G (reward under F and D, minus the self-critical or moving-average baseline)
+        + the supervised VAE loss on labelled pairs."""
         pg = self.p.policy_gradient
-        ui = _draw(len(self.pool_rows), b_gen, gen)
-        pu = self.pool_rows[ui]
+        pu, slots = self.g_photo_rows(gen, b_gen)
         photos_g = photo_input(self.data.photos.images[pu]).to(self.device)
-        s5, lengths, strokes, imgs, r_ret, log_d = self.sample_and_score(photos_g, pu, gen)
-        reward = r_ret + pg.discriminator_weight * log_d
+        s5, lengths, strokes, imgs, reward, parts = self.sample_and_score(photos_g, pu, gen)
         r_mean = rt.mean_over_workers({"r": float(reward.mean())})["r"]
-        if self.baseline.state_dict()["value"] is None:  # the baseline starts at the first batch's mean reward
+        if pg.baseline == "greedy":  # self-critical: what G's most likely sketch of the same photo earns
+            b: float | torch.Tensor = self.sample_and_score(photos_g, pu, gen, greedy=True)[4]
+        else:
+            if self.baseline.state_dict()["value"] is None:  # starts at the first batch's mean reward
+                self.baseline.update(r_mean)
+            b = self.baseline.value
             self.baseline.update(r_mean)
-        b = self.baseline.value
         t_max = int(lengths.max())
         log_p = self.gen.log_prob(photos_g, s5[:, :t_max], lengths, temperature=pg.temperature,
                                   pen_temperature=pg.pen_temperature)
         loss_pg = reinforce_loss(log_p, reward, b)
-        self.baseline.update(r_mean)
         vae = self.vae_loss(gen, b_gen)
         total = loss_pg + pg.vae_weight * vae
         rt.check_finite({"policy_gradient": loss_pg, "vae": vae}, self.step, f"fgsbir_joint/{self.spec.name}")
         optimiser_step(self.opt_g, total, self.gen, clip=self.gen.clip_gradients)
         if pg.refresh_pool:
-            self.pool[ui] = imgs
-        return {"g_reward": float(reward.mean()), "g_reward_retrieval": float(r_ret.mean()),
-                "g_log_d": float(log_d.mean()), "g_baseline": b, "g_vae": float(vae.detach()),
-                "g_points": float(np.mean([len(s) for s in strokes]))}
+            self.pool[slots[slots >= 0]] = imgs[slots >= 0]
+        return {"g_reward": float(reward.mean()), "g_reward_retrieval": float(parts[0].mean()),
+                "g_log_d": float(parts[1].mean()), "g_baseline": float(torch.as_tensor(b).float().mean()),
+                "g_vae": float(vae.detach()), "g_points": float(np.mean([len(s) for s in strokes]))}
 
     @torch.no_grad()
-    def sample_and_score(self, photos_g: torch.Tensor, pu: torch.Tensor, gen: torch.Generator) -> tuple:
+    def sample_and_score(self, photos_g: torch.Tensor, pu: torch.Tensor, gen: torch.Generator,
+                         greedy: bool = False) -> tuple:
         """G draws a sketch per photo (rows ``pu``); (stroke-5, lengths, stroke-3, rendered images, the
-        retrieval reward under the current F, log D of the pair)."""
+        reward = retrieval reward under the current F + lambda * log D of the pair, (the two terms))."""
         d, p, pg = self.data, self.p, self.p.policy_gradient
-        s5, lengths, _ = self.gen.sample(photos_g, temperature=pg.temperature, generator=None,
+        s5, lengths, _ = self.gen.sample(photos_g, temperature=pg.temperature, generator=None, greedy=greedy,
                                          pen_temperature=pg.pen_temperature)
         strokes = self.gen.to_stroke3(s5, lengths)
         imgs = render_sketches(strokes, d.sketch_size, self.line_width)
@@ -449,7 +465,7 @@ class VariantRun:
         g_rows = torch.cat([pu, negs])
         r_ret = retrieval_reward(e_s, e_p, pg.reward, p.margin, same=(pu.unsqueeze(1) == g_rows.unsqueeze(0)).to(self.device))
         log_d = F.logsigmoid(self.d_logits(imgs, d.photos.images[pu]))
-        return s5, lengths, strokes, imgs, r_ret, log_d
+        return s5, lengths, strokes, imgs, r_ret + pg.discriminator_weight * log_d, (r_ret, log_d)
 
     def vae_loss(self, gen: torch.Generator, b_gen: int) -> torch.Tensor:
         """G's supervised VAE loss (final KL weight) on a random batch of labelled pairs."""
@@ -560,6 +576,10 @@ def run_fgsbir_joint(ctx) -> dict[str, Any]:
         last = hist[-1]
         for k in ("total", "labelled_triplet", "pseudo_triplet", "consistency", "d_real", "d_fake", "g_reward"):
             if k in last:
+                metrics[f"{name}/final_{k}"] = round(float(last[k]), 4)
+        for k in ("g_reward", "g_reward_retrieval"):  # did policy gradient move G's reward?
+            if k in hist[0]:
+                metrics[f"{name}/first_{k}"] = round(float(hist[0][k]), 4)
                 metrics[f"{name}/final_{k}"] = round(float(last[k]), 4)
         metrics[f"{name}/seconds_per_step"] = round(float(np.mean([h["seconds_per_step"] for h in hist])), 4)
     if "semi" in done and "disc" in done["semi"]:

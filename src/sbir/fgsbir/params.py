@@ -100,7 +100,13 @@ class PolicyGradientParams(FGParams):
         "neg_triplet", description="retrieval reward under F: minus the mean triplet hinge over the batch "
                                    "gallery, or 1/rank of the true photo in the batch gallery")
     discriminator_weight: float = Field(0.1, ge=0, description="lambda of the + lambda * log D reward term")
+    baseline: Literal["greedy", "moving_average"] = Field(
+        "greedy", description="the reward baseline: self-critical (the reward of G's greedy sketch of the same "
+                              "photo: a per-photo baseline, no lag) or a moving average of the batch reward")
     baseline_decay: float = Field(0.9, ge=0, lt=1, description="moving-average baseline decay")
+    photos: Literal["all", "unlabelled"] = Field(
+        "all", description="the photos G draws in its REINFORCE steps: every train photo (the paper: labelled and "
+                           "unlabelled) or only the unlabelled ones")
     vae_weight: float = Field(1.0, ge=0, description="supervised VAE loss on labelled pairs, added to each G step")
     refresh_pool: bool = Field(True, description="the sketches G draws replace those photos' pseudo sketches")
 
