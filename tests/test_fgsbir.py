@@ -212,7 +212,7 @@ TINY_PARAMS = {
     "sketch_generator": {"encoder_channels": [8, 16], "feature_stride": 4, "latent_dim": 8, "decoder_hidden": 16, "attention_dim": 8,
                          "num_mixtures": 3, "max_len": 20, "steps": 4, "batch_size": 8, "log_every": 2,
                          "kl_anneal_steps": 4, "eval_pairs": 8, "num_preview": 3},
-    "pseudo_pairs": {"batch_size": 32, "num_preview": 4},
+    "pseudo_pairs": {"batch_size": 32, "num_preview": 4, "teacher_check": False},
     "fgsbir_joint": {"init": "scratch", "supervised_steps": 3, "joint_steps": 3, "batch_size": 8,
                      "pseudo_batch_size": 8, "log_every": 2, "ablations": ["no_weighting", "oracle_sketches"],
                      "policy_gradient": {"every": 2, "batch_size": 4, "baseline": "moving_average",

@@ -459,3 +459,52 @@ def test_photo_dependence_is_zero_for_a_generator_that_ignores_its_photo():
             torch.nn.init.zeros_(m.bias) if m.bias is not None else None
     blind = photo_dependence(model, bank, photos, torch.arange(6))
     assert blind["photo_loss_gain"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_photo_teacher_encoder_is_copied_frozen_and_reloaded(tmp_path):
+    """encoder_init photo_teacher: G's encoder is the photo teacher's normalisation + first blocks (same
+    feature map), a training step changes neither its weights nor its BatchNorm statistics, and
+    load_generator rebuilds it from the checkpoint's config."""
+    from sbir.config import TeacherParams
+    from sbir.fgsbir.generator_train import copy_teacher_encoder, generator_config
+    from sbir.fgsbir.params import GeneratorParams
+    from sbir.models.checkpoints import TeacherSet, load_generator
+
+    tp = TeacherParams()
+    torch.manual_seed(0)
+    teachers = TeacherSet(tp, 4).eval()
+    p = GeneratorParams(encoder_init="photo_teacher", feature_stride=4, max_len=20, latent_dim=8, decoder_hidden=16,
+                        attention_dim=8, num_mixtures=3)
+    cfg = generator_config(p, 32, tp.model_dump(mode="json"))
+    assert cfg.encoder == "small_cnn" and cfg.encoder_width == tp.backbone.width and cfg.freeze_encoder
+    g = PhotoToSketchGenerator(cfg, offset_scale=3.0)
+    copy_teacher_encoder(g, teachers)
+    photos = torch.rand(4, 3, 32, 32)
+    t = teachers.photo_teacher
+    with torch.no_grad():
+        want = t.backbone.features[:9](t.normalise(photos))  # 3 blocks: stride 4, an 8x8 map
+        feats, _, _ = g.encode(photos)
+    assert feats.shape == (4, 64, want.shape[1] + 2)
+    assert torch.allclose(feats[..., :-2], want.flatten(2).transpose(1, 2), atol=1e-5)
+    before = {k: v.clone() for k, v in g.encoder.state_dict().items()}
+    g.train()
+    opt = torch.optim.Adam([w for w in g.parameters() if w.requires_grad], lr=1e-2)
+    x, lengths = padded_batch(np.random.default_rng(0), n=4, max_len=20)
+    g.loss(photos, x, lengths)["total"].backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in g.encoder.state_dict().items())
+    torch.save({"model": g.state_dict(), "config": cfg.to_dict()}, tmp_path / "g.pt")
+    g2, _ = load_generator(tmp_path / "g.pt")
+    with torch.no_grad():
+        assert torch.allclose(g2.encode(photos)[0], g.eval().encode(photos)[0], atol=1e-6)
+
+
+def test_photo_teacher_encoder_needs_a_small_cnn_teacher_deep_enough():
+    from sbir.fgsbir.generator_train import generator_config
+    from sbir.fgsbir.params import GeneratorParams
+
+    p = GeneratorParams(encoder_init="photo_teacher", feature_stride=16)
+    with pytest.raises(ValueError, match="needs 5 blocks"):
+        generator_config(p, 32, {"backbone": {"name": "small_cnn", "width": 32, "depth": 4}})
+    with pytest.raises(ValueError, match="small_cnn photo teacher"):
+        generator_config(p, 32, {"backbone": {"name": "resnet18"}})

@@ -30,8 +30,8 @@ from sbir.data.datasets import ImageSet, fine_grained_pairs, load_image_set
 from sbir.data.format import open_dataset
 from sbir.fgsbir.params import GeneratorParams
 from sbir.models.backbones import to_float
-from sbir.models.checkpoints import load_generator
-from sbir.models.sketch_generator import PhotoToSketchGenerator, SketchGeneratorConfig
+from sbir.models.checkpoints import TeacherSet, load_generator, load_teachers
+from sbir.models.sketch_generator import FrozenModule, PhotoToSketchGenerator, SketchGeneratorConfig
 from sbir.train import runtime as rt
 
 
@@ -101,13 +101,35 @@ def simplify_all(strokes: Sequence[np.ndarray | None], epsilon: float) -> list[n
     return out
 
 
-def generator_config(p: GeneratorParams, image_size: int) -> SketchGeneratorConfig:
+def generator_config(p: GeneratorParams, image_size: int, teacher_params: dict | None = None) -> SketchGeneratorConfig:
+    """G's architecture; ``teacher_params`` (teacher_pretrain's params) when the encoder is the photo teacher's."""
+    encoder: dict[str, Any] = {}
+    if p.encoder_init == "photo_teacher":
+        backbone = (teacher_params or {}).get("backbone", {})
+        if backbone.get("name") != "small_cnn":
+            raise ValueError(f"sketch_generator.encoder_init photo_teacher needs a small_cnn photo teacher, got "
+                             f"{backbone.get('name')!r}")
+        blocks = 1 + int(math.log2(p.feature_stride))
+        if blocks > int(backbone["depth"]):
+            raise ValueError(f"sketch_generator.feature_stride {p.feature_stride} needs {blocks} blocks of the photo "
+                             f"teacher, which has {backbone['depth']}")
+        encoder = {"encoder": "small_cnn", "encoder_width": int(backbone["width"]), "freeze_encoder": p.freeze_encoder}
     return SketchGeneratorConfig(
         image_size=image_size, in_channels=3, encoder_channels=tuple(p.encoder_channels),
         feature_stride=p.feature_stride, latent_dim=p.latent_dim, decoder_hidden=p.decoder_hidden,
         attention_dim=p.attention_dim, num_mixtures=p.num_mixtures, max_len=p.max_len, kl_floor=p.kl_floor,
         kl_weight=p.kl_weight, kl_weight_start=p.kl_weight_start, kl_anneal_steps=p.kl_anneal_steps,
-        grad_clip=p.grad_clip)
+        grad_clip=p.grad_clip, **encoder)
+
+
+def copy_teacher_encoder(model: PhotoToSketchGenerator, teachers: TeacherSet) -> None:
+    """Copy the photo teacher's input normalisation and first conv blocks into G's small_cnn encoder."""
+    teacher = teachers.photo_teacher
+    encoder = model.encoder.module if isinstance(model.encoder, FrozenModule) else model.encoder
+    normalise, features = encoder
+    normalise.load_state_dict(teacher.normalise.state_dict())
+    features.load_state_dict({k: v for k, v in teacher.backbone.features.state_dict().items()
+                              if int(k.split(".")[0]) < len(features)})
 
 
 class StrokeBank:
@@ -184,9 +206,13 @@ def generator_loop(config: dict) -> None:
     seed = int(config["seed"])
     torch.manual_seed(seed)
     data = load_generator_data(config["dataset_dir"], p)
-    cfg = generator_config(p, data.image_size)
-    model = PhotoToSketchGenerator(cfg, offset_scale=data.offset_scale).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=p.lr)
+    teachers, blob = load_teachers(config["teachers_path"]) if p.encoder_init == "photo_teacher" else (None, {})
+    cfg = generator_config(p, data.image_size, blob.get("params"))
+    model = PhotoToSketchGenerator(cfg, offset_scale=data.offset_scale)
+    if teachers is not None:
+        copy_teacher_encoder(model, teachers)
+    model = model.to(device)
+    opt = torch.optim.Adam([w for w in model.parameters() if w.requires_grad], lr=p.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_factor(s, p.steps, p.min_lr_ratio))
     state = rt.restore_into(model=model, optimizer=opt, scheduler=sched)
     start, history = (state["step"] + 1, state["history"]) if state else (0, [])
@@ -306,7 +332,10 @@ def run_sketch_generator(ctx) -> dict[str, Any]:
     p: GeneratorParams = ctx.params.sketch_generator
     dataset_dir = ctx.path(ctx.params.dataset_dir)
     ds = open_dataset(dataset_dir)  # fail fast, before Ray starts
-    outcome = ctx.train(generator_loop, {"params": p, "seed": ctx.params.seed, "dataset_dir": str(dataset_dir)})
+    config: dict[str, Any] = {"params": p, "seed": ctx.params.seed, "dataset_dir": str(dataset_dir)}
+    if p.encoder_init == "photo_teacher":
+        config["teachers_path"] = str(ctx.input("teacher_pretrain", "teachers.pt"))
+    outcome = ctx.train(generator_loop, config)
     state = outcome.state
     torch.save({k: state[k] for k in ("model", "optimizer", "scheduler", "step", "params", "config", "offset_scale",
                                       "num_pairs")}, ctx.tmp_out / "generator.pt")

@@ -259,7 +259,7 @@ class VariantRun:
         supervised VAE loss."""
         self.gen, _ = load_generator(config["generator_path"], self.device)
         self.gen.train()
-        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=self.p.policy_gradient.lr)
+        self.opt_g = torch.optim.Adam([w for w in self.gen.parameters() if w.requires_grad], lr=self.p.policy_gradient.lr)
         self.baseline = MovingAverageBaseline(self.p.policy_gradient.baseline_decay)
         sk = load_image_set(open_dataset(config["dataset_dir"]), "sketches", ["train"], with_strokes=True)
         self.vae_photo_rows, strokes = paired_strokes(sk, self.data.lab_s, self.data.lab_p, config["rdp_epsilon"])

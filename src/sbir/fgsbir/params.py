@@ -28,6 +28,12 @@ class GeneratorParams(FGParams):
                                         description="channels of the photo encoder's conv blocks")
     feature_stride: int = Field(8, ge=1, description="encoder down-sampling (power of two): 32 px -> 4x4 attention "
                                                      "map (stride 4 -> 8x8 costs twice the time per step)")
+    encoder_init: Literal["scratch", "photo_teacher"] = Field(
+        "scratch", description="G's photo encoder: conv blocks of encoder_channels trained from scratch, or the "
+                               "first 1 + log2(feature_stride) blocks of teacher_pretrain's photo teacher (a "
+                               "small_cnn backbone; needs that stage), which already tell the classes apart")
+    freeze_encoder: bool = Field(True, description="photo_teacher encoder: keep its weights and BatchNorm "
+                                                   "statistics fixed")
     latent_dim: int = Field(32, ge=1, description="size of the Gaussian latent z")
     decoder_hidden: int = Field(128, ge=8, description="LSTM decoder hidden size")
     attention_dim: int = Field(64, ge=4, description="additive attention size")
@@ -66,7 +72,7 @@ class PseudoPairsParams(FGParams):
                                                      "embedded dataset renders real sketches at 1.0)")
     render_size: int | None = Field(None, ge=8, description="rendered size; null = the dataset's sketch size")
     num_preview: int = Field(12, ge=1, description="rows of pairs.png")
-    teacher_check: bool = Field(False, description="classify the pseudo sketches (and the real train sketches, "
+    teacher_check: bool = Field(True, description="classify the pseudo sketches (and the real train sketches, "
                                 "for reference) with teacher_pretrain's sketch teacher: is G's drawing "
                                 "recognisable as its photo's class? Needs the teacher_pretrain stage")
 

@@ -110,6 +110,13 @@ class SketchGeneratorConfig:
     a 32 px photo gives an 8x8 map with stride 4 and 4x4 with stride 8.
     ``image_size`` is informational (the encoder accepts any size); photos are
     not resized.
+
+    ``encoder``: "conv" (the GroupNorm conv blocks of ``encoder_channels``,
+    trained from scratch) or "small_cnn": input normalisation and the first
+    ``1 + log2(feature_stride)`` blocks of a :class:`~sbir.models.backbones.SmallCNN`
+    of width ``encoder_width`` (the layout of a photo teacher's backbone, whose
+    weights the sketch_generator stage copies in), kept fixed when
+    ``freeze_encoder`` (no gradient, BatchNorm statistics frozen).
     """
 
     image_size: int = 32
@@ -126,13 +133,18 @@ class SketchGeneratorConfig:
     kl_weight_start: float = 0.01
     kl_anneal_steps: int = 10_000
     grad_clip: float = 1.0
+    encoder: str = "conv"
+    encoder_width: int = 32
+    freeze_encoder: bool = False
 
     def __post_init__(self) -> None:
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
         s = int(self.feature_stride)
         if s < 1 or s & (s - 1):
             raise ValueError(f"feature_stride must be a power of two, got {s}")
-        if s > 2 ** len(self.encoder_channels):
+        if self.encoder not in ("conv", "small_cnn"):
+            raise ValueError(f"encoder must be 'conv' or 'small_cnn', got {self.encoder!r}")
+        if self.encoder == "conv" and s > 2 ** len(self.encoder_channels):
             raise ValueError(
                 f"feature_stride {s} needs more than {len(self.encoder_channels)} conv blocks"
             )
@@ -285,6 +297,43 @@ def _groups(c: int) -> int:
     return math.gcd(c, 8)
 
 
+class FrozenModule(nn.Module):
+    """A pretrained module kept fixed: no gradient and always in eval mode (BatchNorm statistics frozen)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "FrozenModule":
+        self.training = mode  # the wrapped module stays in eval mode
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+
+def _build_encoder(cfg: SketchGeneratorConfig) -> tuple[nn.Module, int]:
+    """The photo encoder of ``cfg`` and its output channels (see :class:`SketchGeneratorConfig`)."""
+    n_down = int(math.log2(cfg.feature_stride))
+    if cfg.encoder == "small_cnn":
+        from sbir.models.backbones import Normalise, SmallCNN
+
+        cnn = SmallCNN(cfg.encoder_width, depth=1 + n_down)  # block 0 keeps the size, each later one halves it
+        encoder: nn.Module = nn.Sequential(Normalise(), cnn.features)
+        return (FrozenModule(encoder) if cfg.freeze_encoder else encoder), cnn.out_dim
+    layers: list[nn.Module] = []
+    c_in = cfg.in_channels
+    for i, c in enumerate(cfg.encoder_channels):
+        stride = 2 if i < n_down else 1
+        layers += [
+            nn.Conv2d(c_in, c, 3, stride=stride, padding=1, bias=False),
+            nn.GroupNorm(_groups(c), c),
+            nn.ReLU(inplace=True),
+        ]
+        c_in = c
+    return nn.Sequential(*layers), cfg.encoder_channels[-1]
+
+
 class PhotoToSketchGenerator(nn.Module):
     """Photo-conditioned sketch-rnn VAE (see the module docstring)."""
 
@@ -293,19 +342,7 @@ class PhotoToSketchGenerator(nn.Module):
         super().__init__()
         cfg = config or SketchGeneratorConfig()
         self.config = cfg
-        n_down = int(math.log2(cfg.feature_stride))
-        layers: list[nn.Module] = []
-        c_in = cfg.in_channels
-        for i, c in enumerate(cfg.encoder_channels):
-            stride = 2 if i < n_down else 1
-            layers += [
-                nn.Conv2d(c_in, c, 3, stride=stride, padding=1, bias=False),
-                nn.GroupNorm(_groups(c), c),
-                nn.ReLU(inplace=True),
-            ]
-            c_in = c
-        self.encoder = nn.Sequential(*layers)
-        c_feat = cfg.encoder_channels[-1]
+        self.encoder, c_feat = _build_encoder(cfg)
         self.feature_dim = c_feat + 2  # + (x, y) coordinates
         self.to_mu = nn.Linear(c_feat, cfg.latent_dim)
         self.to_logvar = nn.Linear(c_feat, cfg.latent_dim)
