@@ -257,6 +257,7 @@ def test_tiny_pipeline_end_to_end(tiny_dataset, tmp_path):
     scores = pq.read_table(out / "fgsbir_joint/pseudo_scores.parquet").column("discriminator_score").to_numpy()
     assert len(scores) == len(unlabelled) and np.all((scores >= 0) & (scores <= 1))
     assert math.isfinite(m["semi/first_g_reward"]) and math.isfinite(m["semi/final_g_reward_retrieval"])
+    assert 0.0 <= m["semi/mean_pseudo_weight"] <= 2.0 and 0.0 <= m["semi_oracle_sketches/mean_pseudo_weight"] <= 2.0
 
     m = run_stage("fg_evaluate", argv)
     for name in ("chance", "supervised", "semi", "full", "semi_no_weighting"):

@@ -577,6 +577,8 @@ def run_fgsbir_joint(ctx) -> dict[str, Any]:
         for k in ("total", "labelled_triplet", "pseudo_triplet", "consistency", "d_real", "d_fake", "g_reward"):
             if k in last:
                 metrics[f"{name}/final_{k}"] = round(float(last[k]), 4)
+        if "weight_mean" in last:  # D's mean weight of the pseudo (or oracle) pairs over the variant
+            metrics[f"{name}/mean_pseudo_weight"] = round(float(np.mean([h["weight_mean"] for h in hist])), 4)
         for k in ("g_reward", "g_reward_retrieval"):  # did policy gradient move G's reward?
             if k in hist[0]:
                 metrics[f"{name}/first_{k}"] = round(float(hist[0][k]), 4)
