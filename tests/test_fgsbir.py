@@ -209,7 +209,7 @@ def test_data_free_init_loads_students(tmp_path):
 TINY_PARAMS = {
     "ray": {"num_workers": 0},
     "distill": {"student": {"backbone": {"name": "small_cnn", "width": 8, "depth": 3}, "embed_dim": 16}},
-    "sketch_generator": {"encoder_channels": [8, 16], "feature_stride": 4, "latent_dim": 8, "decoder_hidden": 16, "attention_dim": 8,
+    "sketch_generator": {"encoder_init": "scratch", "encoder_channels": [8, 16], "feature_stride": 4, "latent_dim": 8, "decoder_hidden": 16, "attention_dim": 8,
                          "num_mixtures": 3, "max_len": 20, "steps": 4, "batch_size": 8, "log_every": 2,
                          "kl_anneal_steps": 4, "eval_pairs": 8, "num_preview": 3},
     "pseudo_pairs": {"batch_size": 32, "num_preview": 4, "teacher_check": False},

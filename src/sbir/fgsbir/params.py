@@ -26,10 +26,10 @@ class GeneratorParams(FGParams):
 
     encoder_channels: list[int] = Field([16, 32, 64], min_length=1,
                                         description="channels of the photo encoder's conv blocks")
-    feature_stride: int = Field(8, ge=1, description="encoder down-sampling (power of two): 32 px -> 4x4 attention "
-                                                     "map (stride 4 -> 8x8 costs twice the time per step)")
+    feature_stride: int = Field(4, ge=1, description="encoder down-sampling (power of two): 32 px -> 8x8 attention "
+                                                     "map (stride 8 -> 4x4 halves the time per step)")
     encoder_init: Literal["scratch", "photo_teacher"] = Field(
-        "scratch", description="G's photo encoder: conv blocks of encoder_channels trained from scratch, or the "
+        "photo_teacher", description="G's photo encoder: conv blocks of encoder_channels trained from scratch, or the "
                                "first 1 + log2(feature_stride) blocks of teacher_pretrain's photo teacher (a "
                                "small_cnn backbone; needs that stage), which already tell the classes apart")
     freeze_encoder: bool = Field(True, description="photo_teacher encoder: keep its weights and BatchNorm "
