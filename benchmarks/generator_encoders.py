@@ -51,7 +51,8 @@ def run_config(name: str, sets: list[str], args) -> dict:
     g = run_stage("sketch_generator", argv)
     g_seconds = time.time() - t0
     pp = run_stage("pseudo_pairs", argv)
-    return {"name": name, "seed": args.seed, "sets": sets, "generator_seconds": round(g_seconds, 1),
+    return {"name": name, "seed": args.seed, "sets": sets, "overrides": args.overrides,
+            "generator_seconds": round(g_seconds, 1),
             **{k: g.get(k) for k in KEYS}, **{k: pp.get(k) for k in PSEUDO_KEYS}}
 
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     old = json.loads(out.read_text())["runs"] if out.exists() else []
     done = {(r["name"], r["seed"]) for r in rows}
     runs = [r for r in old if (r["name"], r["seed"]) not in done] + rows
-    out.write_text(json.dumps({"overrides": args.overrides, "runs": runs}, indent=1) + "\n")
+    out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     cols = ("photo_loss_gain", "attention_entropy", "eval_total", "sketch_teacher_acc_pseudo", "chance_class_acc")
     print("| G | seed | " + " | ".join(cols) + " | seconds |\n" + "|---" * (len(cols) + 3) + "|")
     for r in runs:
