@@ -47,7 +47,7 @@ class GeneratorParams(FGParams):
     kl_anneal_steps: int = Field(300, ge=0, description="steps of the linear KL anneal")
     kl_floor: float = Field(0.2, ge=0, description="KL is floored at this value (free bits)")
     grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip (0: off)")
-    steps: int = Field(400, ge=1, description="optimiser steps")
+    steps: int = Field(1500, ge=1, description="optimiser steps")
     batch_size: int = Field(32, ge=2, description="pairs per step and Ray worker")
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, gt=0, le=1, description="cosine decay from lr to lr * min_lr_ratio")
