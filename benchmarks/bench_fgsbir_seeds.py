@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra param overrides for every stage (repeatable)")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
+    ap.add_argument("--collect-only", action="store_true",
+                    help="run nothing: read each seed's stage metrics from --work (an earlier or interrupted run)")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -51,15 +53,21 @@ def main(argv: list[str] | None = None) -> dict:
         argv_s = ["--params", args.params, "--no-mlflow", "--restart"] + [x for s in sets for x in ("--set", s)]
         seconds = {}
         for name in stages:
+            if args.collect_only:
+                seconds[name] = json.loads((out / name / "stage_metrics.json").read_text())["stage_seconds"]
+                continue
             t0 = time.time()
-            metrics = run_stage(name, argv_s)
+            run_stage(name, argv_s)
             seconds[name] = round(time.time() - t0, 1)
-        per_seed[seed] = {"metrics": metrics, "seconds": seconds}
+        metrics = json.loads((out / "fg_evaluate" / "metrics.json").read_text())
+        joint = json.loads((out / "fgsbir_joint" / "metrics.json").read_text())  # G's reward, D's weights
+        per_seed[seed] = {"metrics": metrics, "seconds": seconds,
+                          "joint": {k: v for k, v in joint.items() if "g_reward" in k or "pseudo_weight" in k}}
         print(f"seed {seed}: " + ", ".join(f"{k} {v} s" for k, v in seconds.items()), flush=True)
 
     models = []
     for m in per_seed[args.seeds[0]]["metrics"]:
-        name = m.split("/")[0]
+        name = m.rsplit("/", 1)[0]
         if m.endswith(f"/acc@{args.ks[0]}") and name not in models and name != "semi_minus_supervised":
             models.append(name)
     summary: dict[str, dict[str, dict[str, float]]] = {}
@@ -69,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
             vals = np.array([per_seed[s]["metrics"][f"{name}/acc@{k}"] for s in args.seeds], dtype=float)
             summary[name][f"acc@{k}"] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
                                          "values": vals.tolist()}
+        ranks = np.array([per_seed[s]["metrics"].get(f"{name}/mean_rank", np.nan) for s in args.seeds], dtype=float)
+        summary[name]["mean_rank"] = {"mean": float(ranks.mean()), "values": ranks.tolist()}
     gains = np.array([per_seed[s]["metrics"].get("semi_minus_supervised/acc@1", float("nan")) for s in args.seeds])
     lines = [f"FG-SBIR over seeds {args.seeds} (mean ± std, sample std)",
              "| model | " + " | ".join(f"Acc@{k}" for k in args.ks) + " |", "|---" * (len(args.ks) + 1) + "|"]
