@@ -98,7 +98,7 @@ class PolicyGradientParams(FGParams):
     """REINFORCE updates of G, alternating with F/D updates."""
 
     every: int = Field(4, ge=1, description="one G step per this many F steps")
-    batch_size: int = Field(32, ge=2, description="unlabelled photos per G step and worker")
+    batch_size: int = Field(32, ge=2, description="photos per G step and worker")
     lr: float = Field(1e-4, gt=0, description="G learning rate in the joint phase")
     temperature: float = Field(0.4, gt=0, description="sampling temperature (also used by log_prob)")
     pen_temperature: float | None = Field(None, gt=0, description="temperature of the pen-state logits alone (null: the offsets' temperature, as sketch-rnn). 1.0 keeps the stop decision calibrated (tempering it makes samples run to max_len) but measured lower semi-supervised accuracy on the embedded default")
