@@ -317,9 +317,12 @@ class VariantRun:
         xg = _f(d.photos.images[g_rows], p.augment_shift, gen, self.device, self.size)
         return self.model.sketch_encoder(xs), self.model.photo_encoder(xg), same, xs, xg
 
-    def d_logits(self, sketches_u8: torch.Tensor, photos_u8: torch.Tensor) -> torch.Tensor:
-        """D on (sketch, photo) pairs as it is trained on them: no shift, native size."""
-        return self.disc(_f(sketches_u8, 0, None, self.device), _f(photos_u8, 0, None, self.device))
+    def d_logits(self, sketches_u8: torch.Tensor, photos_u8: torch.Tensor,
+                 gen: torch.Generator | None = None) -> torch.Tensor:
+        """D on (sketch, photo) pairs at native size; shifted by up to ``discriminator.augment_shift``
+        pixels when ``gen`` is given (D's own training steps), never when D weighs or rewards."""
+        shift = self.p.discriminator.augment_shift
+        return self.disc(_f(sketches_u8, shift, gen, self.device), _f(photos_u8, shift, gen, self.device))
 
     def f_step(self, gen: torch.Generator, b_lab: int, b_pse: int) -> dict[str, float]:
         """One F step (after D's steps in a semi variant): labelled triplet [+ pseudo triplet + consistency]."""
@@ -393,12 +396,12 @@ class VariantRun:
         d, p = self.data, self.p
         out = {}
         for _ in range(p.discriminator.steps_per_round):
-            real = self.d_logits(d.sketches.images[s_rows], d.photos.images[p_rows])
-            fake = self.d_logits(su_img, d.photos.images[pu])
+            real = self.d_logits(d.sketches.images[s_rows], d.photos.images[p_rows], gen)
+            fake = self.d_logits(su_img, d.photos.images[pu], gen)
             mis = None
             if p.discriminator.mismatched_fakes:
                 wrong = sample_negatives(p_rows, d.labels, neg_pool, p.same_class_negative_prob, gen)
-                mis = self.d_logits(d.sketches.images[s_rows], d.photos.images[wrong])
+                mis = self.d_logits(d.sketches.images[s_rows], d.photos.images[wrong], gen)
             loss = discriminator_loss(real, fake, mis)
             rt.check_finite({"discriminator": loss}, self.step, f"fgsbir_joint/{self.spec.name}")
             optimiser_step(self.opt_d, loss, self.disc)
