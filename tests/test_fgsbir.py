@@ -215,6 +215,7 @@ TINY_PARAMS = {
     "pseudo_pairs": {"batch_size": 32, "num_preview": 4, "teacher_check": False},
     "fgsbir_joint": {"init": "scratch", "supervised_steps": 3, "joint_steps": 3, "batch_size": 8,
                      "pseudo_batch_size": 8, "log_every": 2, "ablations": ["no_weighting", "oracle_sketches"],
+                     "discriminator": {"augment_shift": 1},
                      "policy_gradient": {"every": 2, "batch_size": 4, "baseline": "moving_average",
                                          "photos": "unlabelled"}},
     "fg_evaluate": {"ks": [1, 5, 10], "num_retrieval_examples": 3},
