@@ -92,7 +92,7 @@ class DiscriminatorParams(FGParams):
                                 "(pseudo: mean weight 1) or over the batch's labelled pairs (labelled: pseudo "
                                 "pairs D finds as real as labelled ones weigh 1, obvious fakes little)")
     weight_clip: float = Field(2.0, ge=0, description="pseudo-pair weights are clipped at this value")
-    augment_shift: int = Field(0, ge=0, description="D's training pairs are shifted by up to this many pixels "
+    augment_shift: int = Field(2, ge=0, description="D's training pairs are shifted by up to this many pixels "
                                                     "(sketch and photo independently), so it cannot memorise the "
                                                     "labelled pairs pixel by pixel; 0: off")
 
