@@ -8,6 +8,7 @@ exact: Acc@K = min(K, N) / N for a gallery of N photos. Embeddings, true indices
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -114,7 +115,7 @@ def generators(ctx) -> dict[str, Any]:
     out = {"pretrained": g}
     extras = ctx.stage_dir("fgsbir_joint") / "checkpoints" / "semi_generator_discriminator.pt"
     if extras.exists() and "generator" in (blob := read_checkpoint(extras)):
-        g_pg, _ = load_generator(ctx.input("sketch_generator", "generator.pt"))
+        g_pg = copy.deepcopy(g)
         g_pg.load_state_dict(blob["generator"])
         out["after_pg"] = g_pg
     return out

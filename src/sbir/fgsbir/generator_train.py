@@ -339,11 +339,11 @@ def run_sketch_generator(ctx) -> dict[str, Any]:
     state = outcome.state
     torch.save({k: state[k] for k in ("model", "optimizer", "scheduler", "step", "params", "config", "offset_scale",
                                       "num_pairs")}, ctx.tmp_out / "generator.pt")
-    metrics = write_samples(ctx, ds, p)
+    model, _ = load_generator(ctx.tmp_out / "generator.pt")
+    metrics = write_samples(ctx, ds, p, model)
     data = load_generator_data(str(dataset_dir), p)
     if data.eval_bank is not None:  # on the test pairs G never trained on
-        metrics.update(photo_dependence(load_generator(ctx.tmp_out / "generator.pt")[0], data.eval_bank,
-                                        data.eval_photos, data.eval_rows, ctx.params.seed))
+        metrics.update(photo_dependence(model, data.eval_bank, data.eval_photos, data.eval_rows, ctx.params.seed))
     history = state["history"]
     last = history[-1]
     keys = [k for k in last if k.startswith(("train_", "eval_"))]
@@ -356,12 +356,11 @@ def run_sketch_generator(ctx) -> dict[str, Any]:
                                       xlabel=f"interval of {p.history_every} steps")
 
 
-def write_samples(ctx, ds, p: GeneratorParams) -> dict[str, Any]:
+def write_samples(ctx, ds, p: GeneratorParams, model: PhotoToSketchGenerator) -> dict[str, Any]:
     """samples.png: test photos, two generated sketches each, a greedy one and the real sketch (one
     rasteriser for all); returns the preview's mean point counts."""
     from sbir.plots import image_grid
 
-    model, _ = load_generator(ctx.tmp_out / "generator.pt")
     t_photos, t_rows, t_strokes = generator_pairs(ds, "test", p, labelled_only=False)
     n = min(p.num_preview, len(t_strokes))
     if not n:
