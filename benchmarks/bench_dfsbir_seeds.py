@@ -59,7 +59,10 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace) -> None:
     sets = [f"seed={seed}", f"outputs_dir={out}", f"ray.num_workers={args.workers}", *SPLITS[args.split],
             *args.overrides]
     for name in STAGES:
-        run_stage(name, stage_argv(args.params, sets))
+        if not (args.skip_done and (out / name / "stage_metrics.json").is_file()):
+            run_stage(name, stage_argv(args.params, sets))
+    if not args.unimodal:
+        return
     unimodal_out = out / "unimodal"
     unimodal_out.mkdir(parents=True, exist_ok=True)
     if not (unimodal_out / "teacher_pretrain").exists():
@@ -67,13 +70,15 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace) -> None:
     unimodal_sets = [f"seed={seed}", f"outputs_dir={unimodal_out}", f"ray.num_workers={args.workers}",
                      *SPLITS[args.split], *args.overrides, *UNIMODAL]
     for name in ("reconstruct", "distill"):
-        run_stage(name, stage_argv(args.params, unimodal_sets))
+        if not (args.skip_done and (unimodal_out / name / "stage_metrics.json").is_file()):
+            run_stage(name, stage_argv(args.params, unimodal_sets))
 
 
 def collect_seed(out: Path, args: argparse.Namespace) -> dict | None:
     """One seed's figures from the files its stages wrote (None when a stage has not finished)."""
-    stage_dirs = {name: out / name for name in STAGES} | {f"unimodal_{n}": out / "unimodal" / n
-                                                           for n in ("reconstruct", "distill")}
+    stage_dirs = {name: out / name for name in STAGES}
+    if args.unimodal:
+        stage_dirs |= {f"unimodal_{n}": out / "unimodal" / n for n in ("reconstruct", "distill")}
     if not all((d / "stage_metrics.json").is_file() for d in stage_dirs.values()):
         return None
     def read(folder: Path, name: str) -> dict:
@@ -81,8 +86,9 @@ def collect_seed(out: Path, args: argparse.Namespace) -> dict | None:
 
     evaluated = read(stage_dirs["evaluate"], "metrics.json")
     keys = metric_keys(args.split)
-    table = {m: {k: evaluated[f"{m}/{k}"] for k in keys} for m in METHODS if m != "unimodal_dfl"}
-    table["unimodal_dfl"] = evaluate_students(out / "unimodal" / "distill" / "students.pt", out, args)
+    table = {m: {k: evaluated[f"{m}/{k}"] for k in keys} for m in methods(args) if m != "unimodal_dfl"}
+    if args.unimodal:
+        table["unimodal_dfl"] = evaluate_students(out / "unimodal" / "distill" / "students.pt", out, args)
     teachers = read(stage_dirs["teacher_pretrain"], "metrics.json")
     upper = read(stage_dirs["upper_bound"], "metrics.json")
     seconds = {n: read(d, "stage_metrics.json")["stage_seconds"] for n, d in stage_dirs.items()}
@@ -90,6 +96,10 @@ def collect_seed(out: Path, args: argparse.Namespace) -> dict | None:
             "teachers": {k: teachers[k] for k in ("photo_teacher_test_acc", "sketch_teacher_test_acc")},
             "classifier_only_best_variant": evaluated["classifier_only_best_variant"],
             "upper_bound": {k: upper[k] for k in ("best_val_mAP@all", "best_step", "steps")}}
+
+
+def methods(args: argparse.Namespace) -> tuple[str, ...]:
+    return METHODS if args.unimodal else tuple(m for m in METHODS if m != "unimodal_dfl")
 
 
 def metric_keys(split: str) -> list[str]:
@@ -123,7 +133,8 @@ def summarise(per_seed: dict[int, dict], seeds: list[int], split: str) -> tuple[
     import numpy as np
 
     summary: dict[str, dict[str, dict]] = {}
-    for m in METHODS:
+    shown_methods = [m for m in METHODS if m in per_seed[seeds[0]]["table"]]
+    for m in shown_methods:
         summary[m] = {}
         for k in metric_keys(split):
             vals = np.array([per_seed[s]["table"][m][k] for s in seeds], dtype=float)
@@ -132,12 +143,12 @@ def summarise(per_seed: dict[int, dict], seeds: list[int], split: str) -> tuple[
     shown = ["mAP@all"] + [f"{g}/mAP@all" for g in GROUPS[split]] + ([] if GROUPS[split] else list(METRICS[1:]))
     lines = [f"Category-level data-free SBIR, split {split!r}, over seeds {seeds} (mean ± sample std; "
              "mAP@all per seed in brackets)", "| method | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
-    for m in METHODS:
+    for m in shown_methods:
         cells = [f"{summary[m][k]['mean']:.4f} ± {summary[m][k]['std']:.4f}"
                  + (f" {summary[m][k]['values']}" if k.endswith("mAP@all") else "") for k in shown]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     ub = np.array(summary["upper_bound"]["mAP@all"]["values"])
-    for m in ("crossx_dfl", "classifier_only_best", "unimodal_dfl"):
+    for m in [m for m in ("crossx_dfl", "classifier_only_best", "unimodal_dfl") if m in summary]:
         ratio = np.array(summary[m]["mAP@all"]["values"]) / ub
         lines.append(f"{m} / upper_bound (mAP@all) per seed: {ratio.round(3).tolist()}")
     return summary, "\n".join(lines)
@@ -153,6 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="default: benchmarks/results/dfsbir[_<split>]_seeds.json")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra param overrides for every stage (repeatable)")
+    ap.add_argument("--no-unimodal", dest="unimodal", action="store_false",
+                    help="skip the uni-modal baseline (its bar is on the default split; saves two stages per seed)")
+    ap.add_argument("--skip-done", action="store_true",
+                    help="keep the stages a seed already finished in --work (an interrupted run goes on); the "
+                         "caller makes sure their params are the ones wanted")
     ap.add_argument("--keep", action="store_true", help="keep the per-seed output folders")
     ap.add_argument("--collect-only", action="store_true",
                     help="run nothing: summarise the seeds already finished in --work (the others are listed)")
@@ -180,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"no finished seed in {work}")
     summary, text = summarise(per_seed, args.seeds, args.split)
     print(text)
-    result = {"missing_seeds": missing, "split": args.split, "split_overrides": SPLITS[args.split], "seeds": args.seeds, "overrides": args.overrides, "unimodal_overrides": UNIMODAL,
+    result = {"missing_seeds": missing, "split": args.split, "split_overrides": SPLITS[args.split], "seeds": args.seeds, "overrides": args.overrides, "unimodal_overrides": UNIMODAL if args.unimodal else None,
               "workers": args.workers, "summary": summary, "per_seed": {str(s): v for s, v in per_seed.items()},
               "table": text}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
