@@ -1,11 +1,14 @@
 """Shared fixtures: isolated MLflow store and Ray results per test session, the real-data folder,
-and a tiny prepared dataset."""
+a tiny prepared dataset, and a real MLflow tracking server (tests/mlflow_rest.py)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+
+from mlflow_rest import ServerError, running_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,3 +63,14 @@ def tiny_dataset(tmp_path_factory) -> Path:
             w.add_sketch(SketchRow(sk.id, sk.class_name, sk.label, sk.split, encode_png(sk.image), 32, 32,
                                    strokes=sk.strokes, photo_id=sk.photo_id))
     return out
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path) -> Iterator[str]:
+    """A real ``mlflow server`` on a free port (SQLite store and artifacts under tmp_path/mlflow_server);
+    yields its base URL (``http://127.0.0.1:<port>``) and stops it, its whole process group, whatever happens."""
+    try:
+        with running_server(tmp_path / "mlflow_server") as base:
+            yield base
+    except ServerError as exc:
+        pytest.fail(str(exc))

@@ -1,15 +1,14 @@
 """MLflow tracking-server round trip: a real ``mlflow server`` (SQLite backend and artifacts in tmp),
 a tiny stage logging to it through ``SBIR_MLFLOW_URI=http://...``, then the run's params, metrics and
-artifacts read back over the REST API with plain HTTP (no MLflow client on the reading side)."""
+artifacts read back over the REST API with plain HTTP (no MLflow client on the reading side). The
+``mlflow_server`` fixture is in tests/conftest.py (tests/mlflow_rest.py); tests/test_pipeline_e2e.py
+uses it for a whole ``dvc repro``."""
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -17,68 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlflow_rest import get_json as _get, post_json as _post
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-START_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(base: str, path: str, **query) -> dict:
-    url = f"{base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def _post(base: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
-@pytest.fixture()
-def mlflow_server(tmp_path):
-    """A real tracking server on a free port; stopped (its whole process group) whatever happens."""
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"mlflow server not up after {START_TIMEOUT_S} s:\n"
-                            f"{(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker processes
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
-        log.close()
 
 
 def test_stage_logs_to_tracking_server_and_reads_back_over_rest(mlflow_server, tiny_dataset, tmp_path):

@@ -34,6 +34,27 @@ class RayParams(Params):
     checkpoints_to_keep: int = Field(2, ge=1)
     torch_threads_per_worker: int = Field(1, ge=1)
     address: str | None = Field(None, description="Ray cluster address; null starts a local Ray")
+    storage_path: str | None = Field(None, description="Ray results and checkpoints (<storage_path>/<pipeline>/"
+                                                        "<stage>); on a cluster a folder every node mounts, so a "
+                                                        "worker on any node can restore; null: ray_results/")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places a stage's workers on the nodes: PACK fills one node first, SPREAD puts "
+                            "them on different nodes where it can")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="the training loops' forward passes and losses: fp32, or autocast to bf16 (CPU and "
+                            "CUDA) or fp16 (CUDA only, with loss scaling); evaluation stays fp32")
+    pin_memory: bool = Field(False, description="copy training batches to a CUDA device through pinned memory, "
+                                                "non-blocking (no effect without CUDA)")
+    decode_workers: int = Field(0, ge=0, description="threads decoding the dataset's PNGs when a training loop "
+                                                     "loads its images (0: the loop's own thread)")
+
+    @model_validator(mode="after")
+    def _storage_path_is_a_folder(self) -> "RayParams":
+        # the runtime keeps its resume markers in the run folder with local file operations
+        if self.storage_path and "://" in self.storage_path:
+            raise ValueError(f"storage_path {self.storage_path!r}: a folder every node mounts, not a URI "
+                             "(object stores are not supported; docs/cluster.md)")
+        return self
 
 
 class BackboneParams(Params):

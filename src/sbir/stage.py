@@ -58,11 +58,15 @@ class StageContext:
         return path
 
     def train(self, loop: Callable[[dict], None], config: Mapping[str, Any]):
-        """Run ``loop`` as this stage's Ray Train job (see :func:`sbir.train.runtime.run_training`)."""
+        """Run ``loop`` as this stage's Ray Train job (see :func:`sbir.train.runtime.run_training`). The
+        loop's config also gets ``ray`` (the RayParams: its precision, pin_memory and decode_workers,
+        see :mod:`sbir.train.precision`)."""
+        from sbir.train import precision
         from sbir.train import runtime as rt
 
-        return rt.run_training(self.stage, loop, config, self.params.ray, self.digest, resume=self.resume,
-                               mlflow_run=self.run)
+        precision.check_before_start(self.params.ray)  # fp16 without a GPU: one clear error before Ray starts
+        return rt.run_training(self.stage, loop, {"ray": self.params.ray, **config}, self.params.ray, self.digest,
+                               resume=self.resume, mlflow_run=self.run)
 
     def write_json(self, name: str, data: Any) -> Path:
         path = self.tmp_out / name
@@ -156,9 +160,8 @@ def _run_logged(spec: StageSpec, root: Root, args: argparse.Namespace, log: Stag
         tracked = not (args.no_mlflow or os.environ.get("SBIR_NO_MLFLOW") == "1")
         metrics = _call_stage(spec, ctx, tracked, log)
     trainings = TRAINING_LOG[n_trainings:]
-    if trainings:  # "resumed from epoch N": which checkpoint each Ray Train fit of this stage continued from
-        metrics.setdefault("resumed_from", trainings[0]["resumed_from"] if len(trainings) == 1
-                           else [t["resumed_from"] for t in trainings])
+    for key, value in _training_record(trainings).items():
+        metrics.setdefault(key, value)
     ctx.write_json("stage_metrics.json", json.loads(json.dumps(metrics, default=str)))
     ctx.write_json("resources.json", json.loads(json.dumps({**monitor.report.to_dict(), "stage": spec.name,
                                                             "trainings": trainings}, default=str)))
@@ -168,9 +171,38 @@ def _run_logged(spec: StageSpec, root: Root, args: argparse.Namespace, log: Stag
     return metrics
 
 
+def _training_record(trainings: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the stage's metrics say of its Ray Train fits: ``resumed_from`` (the checkpoint each fit continued
+    from: at start after an interruption, or mid-fit after a lost worker or node restarted the worker group),
+    ``worker_nodes`` (the Ray node id of each worker, rank order) and ``restores`` (every checkpoint restore)."""
+    if not trainings:
+        return {}
+
+    def one_or_list(values: list[Any]) -> Any:
+        return values[0] if len(values) == 1 else values
+
+    def continued_from(t: dict[str, Any]) -> Any:
+        restored = t.get("restores") or []
+        return t["resumed_from"] or (restored[-1]["resumed_from"] if restored else None)
+
+    record = {"resumed_from": one_or_list([continued_from(t) for t in trainings])}
+    nodes = [[w["node_id"] for w in t.get("worker_nodes") or []] for t in trainings]
+    if any(nodes):
+        record["worker_nodes"] = one_or_list(nodes)
+    restores = [r for t in trainings for r in t.get("restores") or []]
+    if restores:
+        record["restores"] = restores
+    return record
+
+
 def stage_digest(spec: StageSpec, root: Root) -> str:
-    return params_hash({"stage": spec.name, "seed": root.seed, "dataset": root.dataset_dir,
-                        "sections": {s: section_value(root, s) for s in spec.sections}})
+    payload: dict[str, Any] = {"stage": spec.name, "seed": root.seed, "dataset": root.dataset_dir,
+                               "sections": {s: section_value(root, s) for s in spec.sections}}
+    if spec.trains and root.ray.precision != "fp32":
+        # the precision changes what a training stage learns: a run in another precision is not resumed
+        # (only when not fp32, so the digests of fp32 runs stay those from before the key existed)
+        payload["precision"] = root.ray.precision
+    return params_hash(payload)
 
 
 def _context_out_dir(spec: StageSpec, root: Root) -> Path:

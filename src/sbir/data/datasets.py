@@ -6,8 +6,10 @@ as a uint8 tensor (32 px × 10k images is a few MB; real 224 px data should set 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -53,8 +55,16 @@ def _decode_resized(data: bytes, mode: str, size: int | None, source: str) -> np
 
 
 def load_image_set(ds: PreparedDataset, table: str, splits: Sequence[str] | None = None,
-                   image_size: int | None = None, with_strokes: bool = False) -> ImageSet:
-    """Decode every image of ``table`` in ``splits`` (streamed by row group) into an :class:`ImageSet`."""
+                   image_size: int | None = None, with_strokes: bool = False, workers: int = 0) -> ImageSet:
+    """Decode every image of ``table`` in ``splits`` (streamed by row group) into an :class:`ImageSet`;
+    ``workers`` > 0 decodes each row group on that many threads (PIL releases the GIL while it decodes),
+    in row order: the same tensor as without them."""
+    with ThreadPoolExecutor(workers) if workers > 0 else contextlib.nullcontext() as pool:
+        return _load_image_set(ds, table, splits, image_size, with_strokes, pool)
+
+
+def _load_image_set(ds: PreparedDataset, table: str, splits: Sequence[str] | None, image_size: int | None,
+                    with_strokes: bool, pool: ThreadPoolExecutor | None) -> ImageSet:
     mode = "RGB" if table == "photos" else "L"
     cols = ["id", "label", "image"] + (["labelled"] if table == "photos" else ["photo_id"])
     if with_strokes and table == "sketches":
@@ -67,8 +77,9 @@ def load_image_set(ds: PreparedDataset, table: str, splits: Sequence[str] | None
     strokes: list[np.ndarray | None] = []
     for batch in ds.iter_batches(table, columns=cols, splits=splits):
         d = batch.to_pydict() if not with_strokes else {c: batch.column(c).to_pylist() for c in cols if c != "strokes"}
-        for i, data in enumerate(d["image"]):
-            images.append(_decode_resized(data, mode, image_size, f"{ds.path(table)} row id={d['id'][i]}"))
+        args = (d["image"], [mode] * len(d["id"]), [image_size] * len(d["id"]),
+                [f"{ds.path(table)} row id={i}" for i in d["id"]])
+        images += pool.map(_decode_resized, *args) if pool else map(_decode_resized, *args)
         labels += d["label"]
         ids += d["id"]
         if table == "photos":

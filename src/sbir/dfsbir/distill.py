@@ -27,6 +27,7 @@ from sbir.dfsbir.reconstruct import EstimatorObjective, build_estimators, read_b
 from sbir.models.backbones import EncoderPair, to_float
 from sbir.models.checkpoints import TeacherSet, build_students, load_teachers, read_checkpoint
 from sbir.train import runtime as rt
+from sbir.train.precision import LoopDevice
 
 PROXY_SCALE = 16.0  # cosine -> logits scale for the proxy classifier (used by KD and the hardness term)
 
@@ -89,7 +90,8 @@ class ReconstructedPairs:
     against the current students) make fresh pairs; half of each batch is replayed from the bank."""
 
     def __init__(self, config: dict, p: DistillParams, teachers: TeacherSet, num_classes: int,
-                 device: torch.device) -> None:
+                 dev: LoopDevice) -> None:
+        device = dev.device
         est_blob = read_checkpoint(config["estimators_path"])
         rp: ReconstructParams = config["reconstruct_params"]
         self.estimators = build_estimators(rp, num_classes, est_blob["image_size"], teachers).to(device)
@@ -97,7 +99,7 @@ class ReconstructedPairs:
         self.optimizer = torch.optim.Adam(self.estimators.parameters(), lr=p.estimator_lr, betas=(0.5, 0.999))
         self.objective = EstimatorObjective(teachers, rp, p.adversarial_weight, p.adversarial_bound)
         self.bank = SampleBank(read_bank(config["bank_path"]), p.bank_capacity)
-        self.p, self.teachers, self.device = p, teachers, device
+        self.p, self.teachers, self.device, self.dev = p, teachers, device, dev
         self.rounds = p.rounds
 
     def checkpoint_targets(self) -> dict[str, Any]:
@@ -111,13 +113,11 @@ class ReconstructedPairs:
         self.estimators.train()
         for _ in range(p.estimator_steps):
             z, y = self.estimators.sample_inputs(p.batch_size, gen, self.device)
-            x_p, x_s = self.estimators(z, y)
-            total, terms, _ = self.objective(x_p, x_s, y, z, students, proxies, PROXY_SCALE)
+            with self.dev.autocast():
+                x_p, x_s = self.estimators(z, y)
+                total, terms, _ = self.objective(x_p, x_s, y, z, students, proxies, PROXY_SCALE)
             rt.check_finite({**terms, "total": total}, rnd, "distill/estimators")
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            rt.sync_gradients(self.estimators)
-            self.optimizer.step()
+            self.dev.step(self.optimizer, total, self.estimators)
             add_to(sums, "est_", terms, max(1, p.estimator_steps))
         for n, q in students.named_parameters():
             q.requires_grad_(p.student.backbone_lr_scale > 0 or ".backbone." not in n)
@@ -128,15 +128,17 @@ class ReconstructedPairs:
         n_replay = int(round(self.p.batch_size * self.p.replay_fraction))
         self.estimators.eval()
         z, y = self.estimators.sample_inputs(self.p.batch_size - n_replay, gen, self.device)
-        fresh_p, fresh_s = self.estimators(z, y)
-        fresh = {"photo": (fresh_p * 255).round().to(torch.uint8).cpu(),
-                 "sketch": (fresh_s[:, :1] * 255).round().to(torch.uint8).cpu()}
-        fresh["photo_teacher_label"] = self.teachers.photo_teacher(fresh_p).argmax(1).cpu()
-        fresh["sketch_teacher_label"] = self.teachers.sketch_teacher(fresh_s).argmax(1).cpu()
+        with self.dev.autocast():
+            fresh_p, fresh_s = self.estimators(z, y)
+            fresh_p, fresh_s = fresh_p.float(), fresh_s.float()  # the bank holds what the teachers label
+            fresh = {"photo": (fresh_p * 255).round().to(torch.uint8).cpu(),
+                     "sketch": (fresh_s[:, :1] * 255).round().to(torch.uint8).cpu()}
+            fresh["photo_teacher_label"] = self.teachers.photo_teacher(fresh_p).argmax(1).cpu()
+            fresh["sketch_teacher_label"] = self.teachers.sketch_teacher(fresh_s).argmax(1).cpu()
         replay = self.bank.sample(n_replay, gen)
         self.bank.add(fresh)
         batch = {k: torch.cat([fresh[k], replay[k]]) for k in replay}
-        return to_float(batch["photo"]).to(self.device), to_float(batch["sketch"]).to(self.device)
+        return self.dev.to(to_float(batch["photo"])), self.dev.to(to_float(batch["sketch"]))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -180,7 +182,7 @@ def build_student_side(p: StudentTrainingParams, teachers: TeacherSet, blob: dic
 def student_steps(students: EncoderPair, proxies: L.StudentProxies, opt: torch.optim.Optimizer,
                   teachers: TeacherSet, source: ReconstructedPairs, p: DistillParams,
                   gen: torch.Generator, rnd: int, sums: dict[str, float]) -> None:
-    """m student steps on batches from ``source``."""
+    """m student steps on batches from ``source`` (in ``source.dev``'s precision)."""
     students.train()
     if p.student.freeze_bn_stats:
         for m in students.modules():
@@ -188,13 +190,11 @@ def student_steps(students: EncoderPair, proxies: L.StudentProxies, opt: torch.o
                 m.eval()
     for _ in range(p.student_steps):
         x_p, x_s = source.student_batch(gen)
-        terms = student_losses(students, proxies, teachers, x_p, x_s, p)
-        total = weighted_total(terms, p)
+        with source.dev.autocast():
+            terms = student_losses(students, proxies, teachers, x_p, x_s, p)
+            total = weighted_total(terms, p)
         rt.check_finite({**terms, "total": total}, rnd, "distill/students")
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        rt.sync_gradients([students, proxies])
-        opt.step()
+        source.dev.step(opt, total, [students, proxies])
         add_to(sums, "student_", {**terms, "total": total}, p.student_steps)
 
 
@@ -206,7 +206,7 @@ def distill_loop(config: dict) -> None:
     teachers, blob = load_teachers(config["teachers_path"], device)
     students, proxies, opt = build_student_side(p, teachers, blob, seed, device)
     gen = torch.Generator().manual_seed(seed * 31 + rt.world()[0])
-    source = ReconstructedPairs(config, p, teachers, blob["num_classes"], device)
+    source = ReconstructedPairs(config, p, teachers, blob["num_classes"], LoopDevice.from_config(config, device))
     targets = source.checkpoint_targets()
     state = rt.restore_into(students=students, proxies=proxies, optimizer=opt, **targets)
     start, history = (state["round"] + 1, state["history"]) if state else (0, [])

@@ -1,7 +1,8 @@
 """Loss terms of CrossX-DFL: the estimator objective and the student (distillation) objective.
 
 Each term is a small function on tensors so it can be tested alone (sign, which network gets the
-gradient). Conventions: every term is a quantity to *minimise*; weights come from params.
+gradient). Conventions: every term is a quantity to *minimise*; weights come from params. Every term
+runs in fp32, also inside a mixed-precision loop (:func:`sbir.train.precision.fp32`).
 """
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sbir.train.precision import fp32
+
 
 # ------------------------------------------------------------------------------- estimator terms
+@fp32
 def semantic_ce(teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The teacher should classify the reconstructed sample as its conditioning class."""
     return F.cross_entropy(teacher_logits, target)
 
 
+@fp32
 def class_balance(teacher_logits: torch.Tensor) -> torch.Tensor:
     """log C - H(mean prediction over the batch): 0 when the batch covers all classes evenly."""
     mean_p = teacher_logits.softmax(dim=1).mean(dim=0)
@@ -26,11 +31,13 @@ def class_balance(teacher_logits: torch.Tensor) -> torch.Tensor:
     return math.log(teacher_logits.shape[1]) - entropy
 
 
+@fp32
 def activation(teacher_features: torch.Tensor) -> torch.Tensor:
     """DAFL's activation term: the teacher's penultimate features should be strongly active."""
     return -teacher_features.abs().mean()
 
 
+@fp32
 def modality_guidance(modality_logits_photo: torch.Tensor, modality_logits_sketch: torch.Tensor,
                       photo_class: int = 0, sketch_class: int = 1) -> torch.Tensor:
     """The modality network should say 'photo' for g_p's output and 'sketch' for g_s's."""
@@ -39,6 +46,7 @@ def modality_guidance(modality_logits_photo: torch.Tensor, modality_logits_sketc
     return F.cross_entropy(modality_logits_photo, yp) + F.cross_entropy(modality_logits_sketch, ys)
 
 
+@fp32
 def class_alignment(photo_logits: torch.Tensor, sketch_logits: torch.Tensor,
                     detach: Literal["none", "photo", "sketch"] = "none") -> torch.Tensor:
     """Symmetric KL between t_p(x_p) and t_s(x_s) of each aligned pair (optionally one side detached)."""
@@ -53,6 +61,7 @@ def class_alignment(photo_logits: torch.Tensor, sketch_logits: torch.Tensor,
     return kl_ps + kl_sp
 
 
+@fp32
 def diversity(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Mode-seeking term: two samples of one class (first/second half of the batch, same classes,
     other noise) should differ in proportion to their noise. Negative, so minimising spreads them;
@@ -65,6 +74,7 @@ def diversity(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return -(dx / dz).mean()
 
 
+@fp32
 def adversarial_hardness(teacher_logits: torch.Tensor, student_logits: torch.Tensor, bound: float) -> torch.Tensor:
     """Negative of the (per-sample, clamped at ``bound``) teacher→student KL.
 
@@ -89,7 +99,7 @@ class BNStatsPrior:
                         if isinstance(m, nn.BatchNorm2d)]
 
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-        x = inputs[0]
+        x = inputs[0].float()  # the statistics in fp32 also under autocast (running_* are fp32)
         mean = x.mean(dim=(0, 2, 3))
         var = x.var(dim=(0, 2, 3), unbiased=False)
         self.terms.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
@@ -108,6 +118,7 @@ class BNStatsPrior:
 
 
 # ------------------------------------------------------------------------------- student terms
+@fp32
 def proxy_logits(embeddings: torch.Tensor, proxies: torch.Tensor, scale: float) -> torch.Tensor:
     """Class logits of L2-normalised embeddings: scaled cosine similarity to each proxy."""
     return scale * embeddings @ F.normalize(proxies, dim=1).t()
@@ -128,6 +139,7 @@ def make_proxy_anchor(num_classes: int, embed_dim: int, initial_proxies: torch.T
     return loss
 
 
+@fp32
 def teacher_kd(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Metric-agnostic distillation: the student's proxy-class distribution matches its teacher's."""
     t = temperature
@@ -135,6 +147,7 @@ def teacher_kd(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tempe
                     log_target=True, reduction="batchmean") * t * t
 
 
+@fp32
 def cross_modal_triplet(sketch_emb: torch.Tensor, sketch_labels: torch.Tensor, photo_emb: torch.Tensor,
                         photo_labels: torch.Tensor, margin: float) -> torch.Tensor:
     """Category-level cross-modal triplet: sketch anchors, same-class photos positive, others negative.
@@ -183,6 +196,7 @@ class StudentProxies(nn.Module):
         """(the photo student's proxies, the sketch student's proxies)."""
         return self.photo.proxies, (self.photo if self.sketch is None else self.sketch).proxies
 
+    @fp32
     def loss(self, e_p: torch.Tensor, y_p: torch.Tensor, e_s: torch.Tensor, y_s: torch.Tensor) -> torch.Tensor:
         if self.sketch is None:
             return self.photo(torch.cat([e_p, e_s]), torch.cat([y_p, y_s]))

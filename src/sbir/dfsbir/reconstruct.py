@@ -23,6 +23,7 @@ from sbir.dfsbir import losses as L
 from sbir.models.checkpoints import TeacherSet, load_teachers
 from sbir.models.estimators import EstimatorPair
 from sbir.train import runtime as rt
+from sbir.train.precision import LoopDevice
 
 BANK_SCHEMA = pa.schema([
     ("pair_id", pa.int64()), ("condition", pa.int32()), ("photo_teacher_label", pa.int32()),
@@ -95,6 +96,7 @@ def build_estimators(p: ReconstructParams, num_classes: int, image_size: int,
 
 def reconstruct_loop(config: dict) -> None:
     device = rt.setup_worker(config)
+    dev = LoopDevice.from_config(config, device)
     p: ReconstructParams = config["params"]
     seed = int(config["seed"])
     torch.manual_seed(seed)
@@ -112,13 +114,11 @@ def reconstruct_loop(config: dict) -> None:
     for step in rt.progress(range(start, p.steps), total=p.steps - start, desc="reconstruct"):
         estimators.train()
         z, y = estimators.sample_inputs(p.batch_size, gen, device)
-        x_p, x_s = estimators(z, y)
-        total, terms, out = objective(x_p, x_s, y, z)
+        with dev.autocast():
+            x_p, x_s = estimators(z, y)
+            total, terms, out = objective(x_p, x_s, y, z)
         rt.check_finite({**terms, "total": total}, step, "reconstruct")
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        rt.sync_gradients(estimators)
-        opt.step()
+        dev.step(opt, total, estimators)
         acc_p = (out["photo_logits"].argmax(1) == y).float().mean()
         acc_s = (out["sketch_logits"].argmax(1) == y).float().mean()
         agree = (out["photo_logits"].argmax(1) == out["sketch_logits"].argmax(1)).float().mean()

@@ -22,6 +22,7 @@ from sbir.data.format import open_dataset
 from sbir.models.backbones import channel_stats, resize, to_float
 from sbir.models.checkpoints import TeacherSet
 from sbir.train import runtime as rt
+from sbir.train.precision import LoopDevice
 
 PHOTO, SKETCH = 0, 1
 
@@ -77,13 +78,14 @@ def check_class_lists(p: TeacherParams, num_classes: int, where: str) -> None:
             raise ValueError(f"{where}: teacher_pretrain.{key} has class ids {bad} outside 0..{num_classes - 1}")
 
 
-def load_teacher_data(dataset_dir: str, p: TeacherParams) -> tuple[TeacherData, Any]:
-    """Train and test images of the classes each teacher is trained on."""
+def load_teacher_data(dataset_dir: str, p: TeacherParams, workers: int = 0) -> tuple[TeacherData, Any]:
+    """Train and test images of the classes each teacher is trained on (decoded on ``workers`` threads)."""
     ds = open_dataset(dataset_dir)
     check_class_lists(p, ds.num_classes, str(ds.root))
 
     def part(table: str, split: str) -> ImageSet:
-        return of_classes(load_image_set(ds, table, [split]), p.photo_classes if table == "photos" else p.sketch_classes)
+        return of_classes(load_image_set(ds, table, [split], workers=workers),
+                          p.photo_classes if table == "photos" else p.sketch_classes)
 
     data = TeacherData(photos=part("photos", "train"), sketches=part("sketches", "train"),
                        photos_test=part("photos", "test"), sketches_test=part("sketches", "test"))
@@ -104,10 +106,11 @@ def set_normalisation(teachers: TeacherSet, data: TeacherData) -> None:
 
 def teacher_loop(config: dict) -> None:
     device = rt.setup_worker(config)
+    dev = LoopDevice.from_config(config, device)
     p: TeacherParams = config["params"]
     seed = int(config["seed"])
     torch.manual_seed(seed)
-    data, ds = load_teacher_data(config["dataset_dir"], p)
+    data, ds = load_teacher_data(config["dataset_dir"], p, dev.decode_workers)
     teachers = TeacherSet(p, ds.num_classes)
     set_normalisation(teachers, data)
     teachers.to(device)
@@ -120,8 +123,8 @@ def teacher_loop(config: dict) -> None:
     gen = torch.Generator().manual_seed(seed + 1000 * rt.world()[0])
     for epoch in rt.progress(range(start_epoch, p.epochs), total=p.epochs - start_epoch, desc="teachers"):
         t0 = time.time()
-        metrics = train_one_epoch(teachers, opt, sched, data, p, epoch, seed, gen, device, steps_per_epoch)
-        metrics.update(evaluate_teachers(teachers, data, p.image_size, device))
+        metrics = train_one_epoch(teachers, opt, sched, data, p, epoch, seed, gen, dev, steps_per_epoch)
+        metrics.update(evaluate_teachers(teachers, data, p.image_size, device))  # fp32
         metrics.update(epoch=epoch, epoch_seconds=time.time() - t0, lr=sched.get_last_lr()[0])
         history.append(metrics)
         rt.report(metrics, {"model": teachers.state_dict(), "optimizer": opt.state_dict(),
@@ -131,7 +134,7 @@ def teacher_loop(config: dict) -> None:
 
 
 def train_one_epoch(teachers: TeacherSet, opt, sched, data: TeacherData, p: TeacherParams, epoch: int, seed: int,
-                    gen: torch.Generator, device: torch.device, steps_per_epoch: int) -> dict[str, float]:
+                    gen: torch.Generator, dev: LoopDevice, steps_per_epoch: int) -> dict[str, float]:
     """One epoch over this rank's photo batches, each with a sketch batch; mean losses over workers."""
     teachers.train()
     sums = {"photo_ce": 0.0, "sketch_ce": 0.0, "modality_ce": 0.0}
@@ -148,20 +151,17 @@ def train_one_epoch(teachers: TeacherSet, opt, sched, data: TeacherData, p: Teac
         xs = resize(to_float(sketches.images[sb]), p.image_size)
         if p.augment:
             xp, xs = augment(xp, gen), augment(xs, gen)
-        xp, xs = xp.to(device), xs.to(device)
-        yp, ys = photos.labels[pb].to(device), sketches.labels[sb].to(device)
-        losses = {
-            "photo_ce": F.cross_entropy(teachers.photo_teacher(xp), yp, label_smoothing=p.label_smoothing),
-            "sketch_ce": F.cross_entropy(teachers.sketch_teacher(xs), ys, label_smoothing=p.label_smoothing),
-        }
-        xm = torch.cat([xp, xs])
-        ym = torch.cat([torch.full((len(xp),), PHOTO), torch.full((len(xs),), SKETCH)]).to(device)
-        losses["modality_ce"] = F.cross_entropy(teachers.modality_net(xm), ym)
+        xp, xs = dev.to(xp), dev.to(xs)
+        yp, ys = dev.to(photos.labels[pb]), dev.to(sketches.labels[sb])
+        ym = dev.to(torch.cat([torch.full((len(xp),), PHOTO), torch.full((len(xs),), SKETCH)]))
+        with dev.autocast():  # cross_entropy runs in fp32 under autocast, on CPU and CUDA
+            losses = {
+                "photo_ce": F.cross_entropy(teachers.photo_teacher(xp), yp, label_smoothing=p.label_smoothing),
+                "sketch_ce": F.cross_entropy(teachers.sketch_teacher(xs), ys, label_smoothing=p.label_smoothing),
+                "modality_ce": F.cross_entropy(teachers.modality_net(torch.cat([xp, xs])), ym),
+            }
         rt.check_finite(losses, epoch * steps_per_epoch + n_steps, "teacher_pretrain")
-        opt.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        rt.sync_gradients(teachers)
-        opt.step()
+        dev.step(opt, sum(losses.values()), teachers)
         sched.step()
         for k, v in losses.items():
             sums[k] += float(v.detach())

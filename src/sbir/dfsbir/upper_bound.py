@@ -24,6 +24,7 @@ from sbir.metrics import category_retrieval_metrics
 from sbir.models.backbones import EncoderPair, embed, resize, to_float
 from sbir.models.checkpoints import load_teachers
 from sbir.train import runtime as rt
+from sbir.train.precision import LoopDevice
 
 
 def holdout_split(labels: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +99,7 @@ def validation_map(students: EncoderPair, photos: ImageSet, sketches: ImageSet, 
 
 def upper_bound_loop(config: dict) -> None:
     device = rt.setup_worker(config)
+    dev = LoopDevice.from_config(config, device)
     p: UpperBoundParams = config["params"]
     seed = int(config["seed"])
     torch.manual_seed(seed)
@@ -106,7 +108,8 @@ def upper_bound_loop(config: dict) -> None:
     students, proxies, opt = build_student_side(p, teachers, blob, seed, device, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.max_steps)
     ds = open_dataset(config["dataset_dir"])
-    photos, sketches = load_image_set(ds, "photos", ["train"]), load_image_set(ds, "sketches", ["train"])
+    photos = load_image_set(ds, "photos", ["train"], workers=dev.decode_workers)
+    sketches = load_image_set(ds, "sketches", ["train"], workers=dev.decode_workers)
     (p_train, p_val), (s_train, s_val) = split_known(photos, sketches, teachers, p.val_share, seed)
     pairs = LabelledPairs(photos, sketches, p_train, s_train, size)
     state = rt.restore_into(students=students, proxies=proxies, optimizer=opt, scheduler=sched)
@@ -118,7 +121,7 @@ def upper_bound_loop(config: dict) -> None:
     sums: dict[str, float] = {}
     t0 = time.time()
     for step in rt.progress(range(start, p.max_steps), total=p.max_steps - start, desc="upper_bound"):
-        train_step(students, proxies, opt, teachers, pairs, p, gen, step, sums, device)
+        train_step(students, proxies, opt, teachers, pairs, p, gen, step, sums, dev)
         sched.step()
         if (step + 1) % p.eval_every and step + 1 != p.max_steps:
             continue
@@ -141,15 +144,13 @@ def upper_bound_loop(config: dict) -> None:
 
 def train_step(students: EncoderPair, proxies: L.StudentProxies, opt: torch.optim.Optimizer, teachers,
                pairs: LabelledPairs, p: UpperBoundParams, gen: torch.Generator, step: int, sums: dict[str, float],
-               device: torch.device) -> None:
-    x_p, x_s, labels_p, labels_s = (t.to(device) for t in pairs.batch(p.batch_size, gen, p.augment))
-    terms = student_losses(students, proxies, teachers, x_p, x_s, p, labels_p, labels_s)
-    total = weighted_total(terms, p)
+               dev: LoopDevice) -> None:
+    x_p, x_s, labels_p, labels_s = (dev.to(t) for t in pairs.batch(p.batch_size, gen, p.augment))
+    with dev.autocast():
+        terms = student_losses(students, proxies, teachers, x_p, x_s, p, labels_p, labels_s)
+        total = weighted_total(terms, p)
     rt.check_finite({**terms, "total": total}, step, "upper_bound")
-    opt.zero_grad(set_to_none=True)
-    total.backward()
-    rt.sync_gradients([students, proxies])
-    opt.step()
+    dev.step(opt, total, [students, proxies])
     add_to(sums, "student_", {**terms, "total": total}, 1)
 
 

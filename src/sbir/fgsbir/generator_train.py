@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -33,20 +33,10 @@ from sbir.models.backbones import to_float
 from sbir.models.checkpoints import TeacherSet, load_generator, load_teachers
 from sbir.models.sketch_generator import FrozenModule, PhotoToSketchGenerator, SketchGeneratorConfig
 from sbir.train import runtime as rt
+from sbir.train.precision import LoopDevice
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, module: torch.nn.Module,
-                   clip: Callable[[], Any] | None = None) -> None:
-    """Backward, average the gradients over workers, clip them after the average (``clip``), step."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    rt.sync_gradients(module)
-    if clip is not None:
-        clip()
-    opt.step()
-
-
 class IntervalMeans:
     """Per-key means of the step metrics since the last curve point, and the seconds per step."""
 
@@ -148,11 +138,12 @@ class StrokeBank:
         return self.x[idx, : int(lengths.max()) + 1], lengths
 
 
-def generator_pairs(ds, split: str, p: GeneratorParams, labelled_only: bool
+def generator_pairs(ds, split: str, p: GeneratorParams, labelled_only: bool, workers: int = 0
                     ) -> tuple[ImageSet, torch.Tensor, list[np.ndarray]]:
-    """Photos of ``split``, the photo row of every usable pair and its simplified strokes."""
-    photos = load_image_set(ds, "photos", [split])
-    sketches = load_image_set(ds, "sketches", [split], with_strokes=True)
+    """Photos of ``split``, the photo row of every usable pair and its simplified strokes (images decoded
+    on ``workers`` threads)."""
+    photos = load_image_set(ds, "photos", [split], workers=workers)
+    sketches = load_image_set(ds, "sketches", [split], with_strokes=True, workers=workers)
     s_rows, p_rows = fine_grained_pairs(sketches, photos, labelled_only)
     p_rows, strokes = paired_strokes(sketches, s_rows, p_rows, p.rdp_epsilon)
     return photos, p_rows, strokes
@@ -186,15 +177,15 @@ class GeneratorData:
     eval_rows: torch.Tensor | None = None
 
 
-def load_generator_data(dataset_dir: str, p: GeneratorParams) -> GeneratorData:
+def load_generator_data(dataset_dir: str, p: GeneratorParams, workers: int = 0) -> GeneratorData:
     ds = open_dataset(dataset_dir)
-    photos, p_rows, strokes = generator_pairs(ds, "train", p, labelled_only=True)
+    photos, p_rows, strokes = generator_pairs(ds, "train", p, labelled_only=True, workers=workers)
     if not strokes:
         raise ValueError(f"{ds.root}: no labelled train pair with strokes to train the sketch generator on")
     data = GeneratorData(StrokeBank(strokes, p.max_len), photo_input(photos.images), p_rows,
                          S.stroke3_offset_std(strokes), int(photos.images.shape[-1]))
     if p.eval_pairs > 0:
-        t_photos, t_rows, t_strokes = generator_pairs(ds, "test", p, labelled_only=False)
+        t_photos, t_rows, t_strokes = generator_pairs(ds, "test", p, labelled_only=False, workers=workers)
         data.eval_photos, data.eval_rows = photo_input(t_photos.images), t_rows[: p.eval_pairs]
         data.eval_bank = StrokeBank(t_strokes[: p.eval_pairs], p.max_len) if t_strokes[: p.eval_pairs] else None
     return data
@@ -202,10 +193,11 @@ def load_generator_data(dataset_dir: str, p: GeneratorParams) -> GeneratorData:
 
 def generator_loop(config: dict) -> None:
     device = rt.setup_worker(config)
+    dev = LoopDevice.from_config(config, device)
     p: GeneratorParams = config["params"]
     seed = int(config["seed"])
     torch.manual_seed(seed)
-    data = load_generator_data(config["dataset_dir"], p)
+    data = load_generator_data(config["dataset_dir"], p, dev.decode_workers)
     teachers, blob = load_teachers(config["teachers_path"]) if p.encoder_init == "photo_teacher" else (None, {})
     cfg = generator_config(p, data.image_size, blob.get("params"))
     model = PhotoToSketchGenerator(cfg, offset_scale=data.offset_scale)
@@ -220,7 +212,7 @@ def generator_loop(config: dict) -> None:
     gen = torch.Generator().manual_seed(seed * 7919 + 17 * rt.world()[0] + start)
     interval = IntervalMeans()
     for step in rt.progress(range(start, p.steps), total=p.steps - start, desc="sketch generator"):
-        interval.add(train_step(model, opt, sched, data, p, gen, step, device))
+        interval.add(train_step(model, opt, sched, data, p, gen, step, dev))
         last = step + 1 == p.steps
         if (step + 1) % p.history_every == 0 or last:  # a curve point: an all-reduce, no checkpoint
             history.append(curve_point(model, sched, data, interval, step, device))
@@ -233,16 +225,17 @@ def generator_loop(config: dict) -> None:
 
 
 def train_step(model: PhotoToSketchGenerator, opt: torch.optim.Optimizer, sched, data: GeneratorData,
-               p: GeneratorParams, gen: torch.Generator, step: int, device) -> dict[str, float]:
+               p: GeneratorParams, gen: torch.Generator, step: int, dev: LoopDevice) -> dict[str, float]:
     """One VAE step on a random batch of ``p.batch_size`` pairs (per worker, as in the other stages:
     more workers = a larger global batch); gradients clipped after the all-reduce."""
     model.train()
     idx = torch.randint(0, len(data.bank), (p.batch_size,), generator=gen)
     x, lengths = data.bank.batch(idx)
-    out = model.loss(data.photos[data.rows[idx]].to(device), x.to(device), lengths.to(device), step=step)
+    with dev.autocast():  # the model computes its mixture and KL in fp32
+        out = model.loss(dev.to(data.photos[data.rows[idx]]), dev.to(x), dev.to(lengths), step=step)
     terms = {k: out[k] for k in ("total", "gmm_nll", "pen_ce", "kl")}
     rt.check_finite(terms, step, "sketch_generator")
-    optimiser_step(opt, out["total"], model, clip=model.clip_gradients)
+    dev.step(opt, out["total"], model, clip=model.clip_gradients)
     sched.step()
     return {k: float(v.detach()) for k, v in terms.items()}
 

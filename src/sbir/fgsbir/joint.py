@@ -56,8 +56,7 @@ from torch import nn
 from sbir.config import StudentParams
 from sbir.data.datasets import fine_grained_pairs, load_image_set
 from sbir.data.format import open_dataset
-from sbir.fgsbir.generator_train import (IntervalMeans, StrokeBank, optimiser_step,
-                                         paired_strokes, photo_input, render_sketches)
+from sbir.fgsbir.generator_train import IntervalMeans, StrokeBank, paired_strokes, photo_input, render_sketches
 from sbir.fgsbir.losses import (consistency_loss, discriminator_loss, discriminator_weights, retrieval_reward,
                                 sample_negatives, triplet_loss)
 from sbir.fgsbir.params import FGJointParams
@@ -65,6 +64,7 @@ from sbir.models.backbones import EncoderPair, channel_stats, resize, to_float
 from sbir.models.checkpoints import build_retrieval_model, checkpoint_path, load_generator, load_students
 from sbir.models.sketch_generator import MovingAverageBaseline, reinforce_loss
 from sbir.train import runtime as rt
+from sbir.train.precision import LoopDevice
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -175,12 +175,12 @@ def variant_specs(p: FGJointParams) -> list[VariantSpec]:
 class JointData:
     """The train photos and sketches, the pair indices and the pseudo-pair pool, on every worker."""
 
-    def __init__(self, dataset_dir: str, pseudo_path: str | None = None) -> None:
+    def __init__(self, dataset_dir: str, pseudo_path: str | None = None, workers: int = 0) -> None:
         from sbir.fgsbir.pseudo_pairs import read_pseudo_pairs
 
         ds = open_dataset(dataset_dir)
-        self.photos = load_image_set(ds, "photos", ["train"])
-        self.sketches = load_image_set(ds, "sketches", ["train"])
+        self.photos = load_image_set(ds, "photos", ["train"], workers=workers)
+        self.sketches = load_image_set(ds, "sketches", ["train"], workers=workers)
         self.lab_s, self.lab_p = fine_grained_pairs(self.sketches, self.photos, labelled_only=True)
         self.all_s, self.all_p = fine_grained_pairs(self.sketches, self.photos, labelled_only=False)
         if len(self.lab_s) == 0:
@@ -219,14 +219,16 @@ def _draw(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, n, (k,), generator=gen)
 
 
-def _f(x_u8: torch.Tensor, shift: int, gen: torch.Generator | None, device, size: int | None = None) -> torch.Tensor:
-    """uint8 images -> float [0,1], 3 channels, resized to ``size``, randomly shifted when ``gen`` is given."""
+def _f(x_u8: torch.Tensor, shift: int, gen: torch.Generator | None, dev: LoopDevice,
+       size: int | None = None) -> torch.Tensor:
+    """uint8 images -> float [0,1], 3 channels, resized to ``size``, randomly shifted when ``gen`` is given,
+    on ``dev``'s device."""
     x = to_float(x_u8)
     if size is not None:
         x = resize(x, size)
     if gen is not None and shift > 0:
         x = random_shift(x, shift, gen)
-    return x.to(device)
+    return dev.to(x)
 
 
 class VariantRun:
@@ -235,6 +237,7 @@ class VariantRun:
     def __init__(self, spec: VariantSpec, p: FGJointParams, model: EncoderPair, data: JointData, config: dict,
                  device, image_size: int) -> None:
         self.spec, self.p, self.data, self.device, self.size = spec, p, data, device, image_size
+        self.dev = LoopDevice.from_config(config, device)  # the loop autocasts the steps (train_variant)
         self.line_width = float(config.get("line_width", 1.0))  # as pseudo_pairs renders
         self.model = model.to(device).train()
         lr = p.joint_lr if spec.start_from is not None else p.lr
@@ -261,7 +264,8 @@ class VariantRun:
         self.gen.train()
         self.opt_g = torch.optim.Adam([w for w in self.gen.parameters() if w.requires_grad], lr=self.p.policy_gradient.lr)
         self.baseline = MovingAverageBaseline(self.p.policy_gradient.baseline_decay)
-        sk = load_image_set(open_dataset(config["dataset_dir"]), "sketches", ["train"], with_strokes=True)
+        sk = load_image_set(open_dataset(config["dataset_dir"]), "sketches", ["train"], with_strokes=True,
+                            workers=self.dev.decode_workers)
         self.vae_photo_rows, strokes = paired_strokes(sk, self.data.lab_s, self.data.lab_p, config["rdp_epsilon"])
         self.vae_bank = StrokeBank(strokes, self.gen.config.max_len)
 
@@ -313,8 +317,8 @@ class VariantRun:
         n_rows = sample_negatives(p_rows, d.labels, neg_pool, p.same_class_negative_prob, gen)
         g_rows = torch.cat([p_rows, n_rows])
         same = (p_rows.unsqueeze(1) == g_rows.unsqueeze(0)).to(self.device)
-        xs = _f(s_images, p.augment_shift, gen, self.device, self.size)
-        xg = _f(d.photos.images[g_rows], p.augment_shift, gen, self.device, self.size)
+        xs = _f(s_images, p.augment_shift, gen, self.dev, self.size)
+        xg = _f(d.photos.images[g_rows], p.augment_shift, gen, self.dev, self.size)
         return self.model.sketch_encoder(xs), self.model.photo_encoder(xg), same, xs, xg
 
     def d_logits(self, sketches_u8: torch.Tensor, photos_u8: torch.Tensor,
@@ -322,7 +326,7 @@ class VariantRun:
         """D on (sketch, photo) pairs at native size; shifted by up to ``discriminator.augment_shift``
         pixels when ``gen`` is given (D's own training steps), never when D weighs or rewards."""
         shift = self.p.discriminator.augment_shift
-        return self.disc(_f(sketches_u8, shift, gen, self.device), _f(photos_u8, shift, gen, self.device))
+        return self.disc(_f(sketches_u8, shift, gen, self.dev), _f(photos_u8, shift, gen, self.dev))
 
     def f_step(self, gen: torch.Generator, b_lab: int, b_pse: int) -> dict[str, float]:
         """One F step (after D's steps in a semi variant): labelled triplet [+ pseudo triplet + consistency]."""
@@ -346,7 +350,7 @@ class VariantRun:
             total = self.pseudo_terms(total, terms, stats, s_rows, p_rows, su_img, pu, gen)
         terms["total"] = total
         rt.check_finite(terms, self.step, f"fgsbir_joint/{spec.name}")
-        optimiser_step(self.opt, total, self.model)
+        self.dev.step(self.opt, total, self.model)
         return {**{k: float(v.detach()) for k, v in terms.items()}, **stats}
 
     def pseudo_terms(self, total: torch.Tensor, terms: dict[str, torch.Tensor], stats: dict[str, float],
@@ -404,7 +408,7 @@ class VariantRun:
                 mis = self.d_logits(d.sketches.images[s_rows], d.photos.images[wrong], gen)
             loss = discriminator_loss(real, fake, mis)
             rt.check_finite({"discriminator": loss}, self.step, f"fgsbir_joint/{self.spec.name}")
-            optimiser_step(self.opt_d, loss, self.disc)
+            self.dev.step(self.opt_d, loss, self.disc)
             out = {"discriminator": float(loss.detach()), "d_real": float(torch.sigmoid(real.detach()).mean()),
                    "d_fake": float(torch.sigmoid(fake.detach()).mean())}
         return out
@@ -425,7 +429,7 @@ class VariantRun:
         + the supervised VAE loss on labelled pairs."""
         pg = self.p.policy_gradient
         pu, slots = self.g_photo_rows(gen, b_gen)
-        photos_g = photo_input(self.data.photos.images[pu]).to(self.device)
+        photos_g = self.dev.to(photo_input(self.data.photos.images[pu]))
         s5, lengths, strokes, imgs, reward, parts = self.sample_and_score(photos_g, pu, gen)
         r_mean = rt.mean_over_workers({"r": float(reward.mean())})["r"]
         if pg.baseline == "greedy":  # self-critical: what G's most likely sketch of the same photo earns
@@ -442,7 +446,7 @@ class VariantRun:
         vae = self.vae_loss(gen, b_gen)
         total = loss_pg + pg.vae_weight * vae
         rt.check_finite({"policy_gradient": loss_pg, "vae": vae}, self.step, f"fgsbir_joint/{self.spec.name}")
-        optimiser_step(self.opt_g, total, self.gen, clip=self.gen.clip_gradients)
+        self.dev.step(self.opt_g, total, self.gen, clip=self.gen.clip_gradients)
         if pg.refresh_pool:
             self.pool[slots[slots >= 0]] = imgs[slots >= 0]
         return {"g_reward": float(reward.mean()), "g_reward_retrieval": float(parts[0].mean()),
@@ -462,20 +466,20 @@ class VariantRun:
         # reward under the current F, gallery = this batch's photos + same-class-ish negatives
         self.model.eval()
         negs = sample_negatives(pu, d.labels, d.all_photos, p.same_class_negative_prob, gen)
-        e_s = self.model.sketch_encoder(_f(imgs, 0, None, self.device, self.size))
-        e_p = self.model.photo_encoder(_f(d.photos.images[torch.cat([pu, negs])], 0, None, self.device, self.size))
+        e_s = self.model.sketch_encoder(_f(imgs, 0, None, self.dev, self.size))
+        e_p = self.model.photo_encoder(_f(d.photos.images[torch.cat([pu, negs])], 0, None, self.dev, self.size))
         self.model.train()
         g_rows = torch.cat([pu, negs])
         r_ret = retrieval_reward(e_s, e_p, pg.reward, p.margin, same=(pu.unsqueeze(1) == g_rows.unsqueeze(0)).to(self.device))
-        log_d = F.logsigmoid(self.d_logits(imgs, d.photos.images[pu]))
+        log_d = F.logsigmoid(self.d_logits(imgs, d.photos.images[pu]).float())  # a reward term: fp32
         return s5, lengths, strokes, imgs, r_ret + pg.discriminator_weight * log_d, (r_ret, log_d)
 
     def vae_loss(self, gen: torch.Generator, b_gen: int) -> torch.Tensor:
         """G's supervised VAE loss (final KL weight) on a random batch of labelled pairs."""
         vi = torch.randint(0, len(self.vae_bank), (b_gen,), generator=gen)
         x, lens = self.vae_bank.batch(vi)
-        photos = photo_input(self.data.photos.images[self.vae_photo_rows[vi]]).to(self.device)
-        return self.gen.loss(photos, x.to(self.device), lens.to(self.device), step=None)["total"]
+        photos = self.dev.to(photo_input(self.data.photos.images[self.vae_photo_rows[vi]]))
+        return self.gen.loss(photos, self.dev.to(x), self.dev.to(lens), step=None)["total"]
 
 
 def start_variant(spec: VariantSpec, p: FGJointParams, init_model: EncoderPair, arch: dict[str, Any],
@@ -498,7 +502,8 @@ def joint_loop(config: dict) -> None:
     p: FGJointParams = config["params"]
     seed = int(config["seed"])
     torch.manual_seed(seed)
-    data = JointData(config["dataset_dir"], config.get("pseudo_path"))
+    workers = LoopDevice.from_config(config, device).decode_workers
+    data = JointData(config["dataset_dir"], config.get("pseudo_path"), workers)
     init_model, arch = initial_model(p.init, data.photos.images, data.sketches.images, image_size=p.image_size,
                                      students_path=config.get("students_path"), student=config["student"])
     state = rt.restore()
@@ -513,7 +518,8 @@ def joint_loop(config: dict) -> None:
         current = None
         gen = torch.Generator().manual_seed(seed * 7919 + 131 * vi + 17 * rt.world()[0] + vr.step)
         if vr.disc is not None and vr.step == 0:
-            warm = vr.d_warmup(gen, p.batch_size, p.pseudo_batch_size)
+            with vr.dev.autocast():
+                warm = vr.d_warmup(gen, p.batch_size, p.pseudo_batch_size)
             if warm and rt.is_rank0():
                 print(f"[fgsbir_joint] {spec.name}: D after {p.discriminator.warmup_steps} warm-up steps: "
                       + ", ".join(f"{k} {v:.3f}" for k, v in warm.items()), flush=True)
@@ -529,9 +535,10 @@ def train_variant(vr: VariantRun, vi: int, gen: torch.Generator, done: dict[str,
     interval = IntervalMeans()
     for step in rt.progress(range(vr.step, spec.steps), total=spec.steps - vr.step, desc=f"fgsbir {spec.name}"):
         vr.step = step
-        out = vr.f_step(gen, p.batch_size, p.pseudo_batch_size)
-        if vr.gen is not None and step % p.policy_gradient.every == 0:
-            out.update(vr.g_step(gen, p.policy_gradient.batch_size))
+        with vr.dev.autocast():  # forward passes and losses; the backward passes run outside (LoopDevice.step)
+            out = vr.f_step(gen, p.batch_size, p.pseudo_batch_size)
+            if vr.gen is not None and step % p.policy_gradient.every == 0:
+                out.update(vr.g_step(gen, p.policy_gradient.batch_size))
         interval.add(out)
         last = step + 1 == spec.steps
         if (step + 1) % p.history_every == 0 or last:  # a curve point: an all-reduce, no checkpoint

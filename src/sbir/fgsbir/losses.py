@@ -7,6 +7,8 @@ and logits, plus the negative sampling of the triplets.
 * :func:`consistency_loss`: KL to the frozen supervised model's similarity softmax;
 * :func:`retrieval_reward`: the REINFORCE reward of a generated sketch under F;
 * :func:`sample_negatives`: one negative photo per positive (same class with some probability).
+
+The losses and the reward run in fp32, also inside a mixed-precision loop (:func:`sbir.train.precision.fp32`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sbir.train.precision import fp32
 
+
+@fp32
 def triplet_loss(anchor: torch.Tensor, gallery: torch.Tensor, margin: float, weights: torch.Tensor | None = None,
                  negatives: str = "in_batch", same: torch.Tensor | None = None) -> torch.Tensor:
     """Triplet loss of sketch anchors against a photo gallery; squared L2 distance of unit embeddings.
@@ -65,6 +70,7 @@ def discriminator_weights(logits: torch.Tensor, clip: float = float("inf"),
     return w.clamp(max=clip) if math.isfinite(clip) else w
 
 
+@fp32
 def discriminator_loss(real: torch.Tensor, fake: torch.Tensor, mismatched: torch.Tensor | None = None) -> torch.Tensor:
     """D's loss: BCE of real labelled pairs (target 1) + generated pairs (target 0) [+ real sketches with a
     wrong photo (target 0)]."""
@@ -79,6 +85,7 @@ def similarity_logits(sketch_emb: torch.Tensor, photo_emb: torch.Tensor, tempera
     return sketch_emb @ photo_emb.T / temperature
 
 
+@fp32
 def consistency_loss(student_sketch: torch.Tensor, student_photo: torch.Tensor, teacher_sketch: torch.Tensor,
                      teacher_photo: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) of each sketch's softmax over the batch gallery of photos (cosine / tau),
@@ -89,6 +96,7 @@ def consistency_loss(student_sketch: torch.Tensor, student_photo: torch.Tensor, 
     return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
 
 
+@fp32
 def retrieval_reward(sketch_emb: torch.Tensor, photo_emb: torch.Tensor, kind: str, margin: float,
                      same: torch.Tensor | None = None) -> torch.Tensor:
     """Reward (B,) of each generated sketch i under F: row i of ``photo_emb`` is its true photo, every

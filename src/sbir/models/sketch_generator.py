@@ -390,8 +390,9 @@ class PhotoToSketchGenerator(nn.Module):
         coordinate channels, mu ``(B, L)``, logvar ``(B, L)``)."""
         fmap = self.encoder(photos.float())
         pooled = fmap.mean(dim=(2, 3))
-        mu = self.to_mu(pooled)
-        logvar = self.to_logvar(pooled)
+        # fp32 (a no-op unless a mixed-precision loop autocasts): the KL term and the reparameterisation
+        mu = self.to_mu(pooled).float()
+        logvar = self.to_logvar(pooled).float()
         b, _, h, w = fmap.shape
         ys = torch.linspace(-1.0, 1.0, h, device=fmap.device) if h > 1 else fmap.new_zeros(1)
         xs = torch.linspace(-1.0, 1.0, w, device=fmap.device) if w > 1 else fmap.new_zeros(1)
@@ -422,7 +423,9 @@ class PhotoToSketchGenerator(nn.Module):
     def _split_head(self, out: Tensor, temperature: float = 1.0,
                     pen_temperature: float | None = None) -> dict[str, Tensor]:
         m = self.config.num_mixtures
-        pi, mx, my, lsx, lsy, r, pen = torch.split(out, [m, m, m, m, m, m, 3], dim=-1)
+        # the mixture in fp32 (a no-op unless a mixed-precision loop autocasts): exp(log sigma) and the
+        # bivariate normal densities lose too much in bf16/fp16
+        pi, mx, my, lsx, lsy, r, pen = torch.split(out.float(), [m, m, m, m, m, m, 3], dim=-1)
         sx, sy = torch.exp(lsx), torch.exp(lsy)
         if temperature != 1.0:
             pi = pi / temperature

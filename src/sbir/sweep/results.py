@@ -42,7 +42,7 @@ def collect_results(spec: SweepSpec, out: Path, grid: Any) -> list[dict[str, Any
         row.update({k: config.get(k, trial_summary.get("swept", {}).get(k)) for k in spec.space})
         row.update({"iterations": metrics.get("training_iteration"),
                     "seconds": trial_summary.get("seconds", round(float(metrics.get("time_total_s", float("nan"))), 1)),
-                    "mlflow_run_id": trial_summary.get("mlflow_run_id"),
+                    "mlflow_run_id": trial_summary.get("mlflow_run_id"), "node_id": trial_summary.get("node_id"),
                     "error": _short_error(result.error)})
         row.update({k: v for k, v in final.items() if k.startswith("val/")})
         rows.append(row)

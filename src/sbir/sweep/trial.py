@@ -69,7 +69,10 @@ def run_trial(config: dict[str, Any], spec_json: str, ctx_json: str) -> None:
     outputs = trial_dir / "outputs"
     linked = link_upstream(Path(ctx["base_outputs"]), outputs, spec.stages)
     overrides = {**spec.base_overrides, **swept, "outputs_dir": str(outputs)}
-    summary: dict[str, Any] = {"trial_id": trial_id, "swept": swept, "linked_upstream": linked, "status": "running"}
+    import ray
+
+    summary: dict[str, Any] = {"trial_id": trial_id, "swept": swept, "linked_upstream": linked, "status": "running",
+                               "node_id": ray.get_runtime_context().get_node_id()}  # where it ran, on a cluster
     _write_summary(trial_dir, summary)
     parent = ctx.get("parent_run_id")
     local = int(load_params(repo_path(spec.params), overrides).ray.num_workers) == 0

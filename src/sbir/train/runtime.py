@@ -71,10 +71,13 @@ def set_pipeline(name: str) -> None:
     _PIPELINE = name
 
 
-def ray_results_dir() -> Path:
+def ray_results_dir(storage_path: str | None = None) -> Path:
+    """Where a pipeline's Ray runs live: ``<storage_path>/<pipeline>`` (``ray.storage_path``: on a cluster, a
+    folder every node mounts), else ``$SBIR_RAY_RESULTS`` or ``ray_results/`` of the repository."""
     from sbir.tracking import REPO_ROOT
 
-    return (Path(os.environ.get("SBIR_RAY_RESULTS", REPO_ROOT / "ray_results")) / _PIPELINE).resolve()
+    root = storage_path or os.environ.get("SBIR_RAY_RESULTS", REPO_ROOT / "ray_results")
+    return (Path(root) / _PIPELINE).resolve()
 
 
 def ray_environment(ray_params: RayParams) -> None:
@@ -106,7 +109,7 @@ def ensure_ray(ray_params: RayParams) -> None:
         return
     if ray_params.address:
         ray.init(address=ray_params.address, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"worker_process_setup_hook": "sbir.train.runtime.setup_ray_worker"})
+                 runtime_env={"worker_process_setup_hook": "sbir.train.ray_hooks.setup_ray_worker"})
         return
     needed = max(1, ray_params.num_workers) * ray_params.cpus_per_worker
     # Give Ray at least as many logical CPUs as the workers ask for: on this 2-core machine asking
@@ -114,67 +117,10 @@ def ensure_ray(ray_params: RayParams) -> None:
     num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
     context = ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=True,
                        logging_level="WARNING",
-                       runtime_env={"worker_process_setup_hook": "sbir.train.runtime.setup_local_ray_worker"})
+                       runtime_env={"worker_process_setup_hook": "sbir.train.ray_hooks.setup_local_ray_worker"})
     # the stage's log file gets this line: Ray keeps its own logs (every level, every process) there
     logging.getLogger(__name__).info("Ray session (its own logs under logs/): %s",
                                      context.address_info.get("session_dir"))
-
-
-# Ray Train V2 starts a detached PlacementGroupCleaner actor per fit; every second it asks Ray's State API
-# whether the Train controller is still alive, so that it can remove the placement group if the controller
-# dies. The State API is served by the Ray dashboard, which needs ray[default] (not installed; ray.init runs
-# with include_dashboard=False), so every query fails and the cleaner logs this warning once a second for
-# the whole fit (507 of 800 console lines of a `make repro`). Ray 2.60 has no switch to turn the cleaner or
-# its query off (ray-project/ray#65443 discusses replacing it), so this one message of this one logger is
-# dropped in Ray's worker processes (``worker_process_setup_hook``); the cleaner's other messages stay.
-CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-CLEANER_STATE_API_WARNING = "Failed to query Ray Train Controller actor state"
-# Ray Train's per-report INFO line ("Reporting training result N: ...", two per report and worker) comes
-# from a logger that Ray names by its module's file path, outside the ``ray.train`` loggers that
-# RunConfig's LoggingConfig levels, so it gets that level here.
-REPORT_LOGGER_FILE = ("train", "v2", "_internal", "execution", "context.py")
-# On a local instance nothing autoscales, yet every fit asks Ray's autoscaling coordinator actor for its
-# workers' resources with a 5 s timeout; on a loaded machine the request times out and logs a warning
-# with a 20-line traceback that ends "it's safe to ignore this error".
-COORDINATOR_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
-
-
-class _Drop(logging.Filter):
-    """Drops the records of a logger that ``match``. A filter rather than a level: Ray Train's logging
-    set-up, which runs after the hook, resets the levels of the ``ray.train`` loggers but keeps filters."""
-
-    def __init__(self, match: Callable[[logging.LogRecord], bool]):
-        super().__init__()
-        self.match = match
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not self.match(record)
-
-
-def _drop(logger: str, match: Callable[[logging.LogRecord], bool]) -> None:
-    target = logging.getLogger(logger)
-    if not any(isinstance(f, _Drop) for f in target.filters):
-        target.addFilter(_Drop(match))
-
-
-def setup_ray_worker() -> None:
-    """Ray's ``worker_process_setup_hook``: runs in every Ray worker process once it is connected."""
-    import ray
-
-    # Ray's State API client (the cleaner's) is given no address, so it looks for the Ray instances running
-    # on this machine, and when there are several (two stages, tests, someone else's experiment) it raises
-    # ConnectionError, which kills the cleaner's monitor thread with a 30-line traceback on the console. The
-    # instance it means is this worker's own.
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-    _drop(CLEANER_LOGGER, lambda r: str(r.msg).startswith(CLEANER_STATE_API_WARNING))
-    _drop(os.path.join(os.path.dirname(ray.__file__), *REPORT_LOGGER_FILE), lambda r: r.levelno < logging.WARNING)
-
-
-def setup_local_ray_worker() -> None:
-    """:func:`setup_ray_worker`, and on a local instance (nothing autoscales) no warnings from the
-    autoscaling coordinator's client either (see above)."""
-    setup_ray_worker()
-    _drop(COORDINATOR_LOGGER, lambda r: r.levelno < logging.ERROR)
 
 
 def _use_gpu(ray_params: RayParams) -> bool:
@@ -330,7 +276,7 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
     ray_environment(ray_params)
     global _LOCAL_REPORT
     hooks = _HOOKS or TrainingHooks()
-    storage = (storage_root or hooks.storage_root or ray_results_dir()).resolve()
+    storage = (storage_root or hooks.storage_root or ray_results_dir(ray_params.storage_path)).resolve()
     run_dir = storage / stage
     resumed = prepare_run_dir(run_dir, params_digest, resume)
     resumed_from = checkpoint_position(run_dir) if resumed else None
@@ -342,7 +288,7 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
     config = dict(loop_config)
     config["_runtime"] = {"torch_threads": ray_params.torch_threads_per_worker, "stage": stage,
                           "local_dir": str(run_dir) if ray_params.num_workers == 0 else None,
-                          "mlflow_run": mlflow_run}
+                          "run_dir": str(run_dir), "mlflow_run": mlflow_run}
     trainer = _trainer(stage, loop, config, ray_params, storage, hooks)
     start = time.time()
     last_local: dict[str, Any] = {}
@@ -372,7 +318,8 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
     (run_dir / COMPLETED_MARKER).write_text(json.dumps({"seconds": seconds}))
     TRAINING_LOG.append({"stage": stage, "resumed": resumed, "resumed_from": resumed_from,
-                         "train_seconds": round(seconds, 2), "num_workers": ray_params.num_workers})
+                         "train_seconds": round(seconds, 2), "num_workers": ray_params.num_workers,
+                         "worker_nodes": worker_nodes(run_dir), "restores": restores(run_dir)})
     return TrainingOutcome(metrics=dict(result.metrics or last_local), state=state, run_dir=run_dir, resumed=resumed,
                            seconds=seconds, resumed_from=resumed_from)
 
@@ -390,7 +337,8 @@ def _trainer(stage: str, loop: Callable[[dict], None], config: dict[str, Any], r
     if ray_params.num_workers > 0:
         ensure_ray(ray_params)
         scaling = ScalingConfig(num_workers=ray_params.num_workers, use_gpu=use_gpu,
-                                resources_per_worker={"CPU": ray_params.cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
+                                resources_per_worker={"CPU": ray_params.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                                placement_strategy=ray_params.placement_strategy)
     else:
         scaling = ScalingConfig(num_workers=0)
     return TorchTrainer(
@@ -417,6 +365,57 @@ def _trainer(stage: str, loop: Callable[[dict], None], config: dict[str, Any], r
 _LOCAL_DIR: Path | None = None
 _LOCAL_KEEP = 2
 _MLFLOW_RUN: Any = None  # the stage's MLflow run (a RunHandle), set by setup_worker
+_RUN_DIR: Path | None = None  # the run folder (on shared storage on a cluster), set by setup_worker
+
+
+WORKER_NODES_DIR = "sbir_worker_nodes"
+
+
+def _record_worker_node(run_dir: str | None) -> None:
+    """Each Ray worker writes the node it runs on into the run folder (shared storage on a cluster); a
+    restarted worker group overwrites the entries, so they describe the attempt that finished."""
+    if not run_dir or not _in_ray_worker():
+        return
+    import ray
+
+    rank, _ = world()
+    folder = Path(run_dir) / WORKER_NODES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+             "node_ip": ray.util.get_node_ip_address()}
+    tmp = folder / f".rank_{rank}.tmp"
+    tmp.write_text(json.dumps(entry))
+    os.replace(tmp, folder / f"rank_{rank}.json")
+
+
+RESTORES_FILE = "sbir_restores.jsonl"
+
+
+def _record_restore(state: Mapping[str, Any]) -> None:
+    """Rank 0 notes each checkpoint a (re)started worker group restored: after a lost worker or node,
+    the stage's record says where training continued from."""
+    if _RUN_DIR is None or not is_rank0():
+        return
+    entry = {"resumed_from": _position({}, state), "time": round(time.time(), 1)}
+    if _in_ray_worker():
+        import ray
+
+        entry["node_id"] = ray.get_runtime_context().get_node_id()
+    with open(_RUN_DIR / RESTORES_FILE, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def restores(run_dir: Path) -> list[dict[str, Any]]:
+    """Every checkpoint restore of the run, in order (see :func:`_record_restore`)."""
+    path = run_dir / RESTORES_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def worker_nodes(run_dir: Path) -> list[dict[str, Any]]:
+    """The node of every worker of the run's last attempt (rank order); empty in local mode."""
+    folder = run_dir / WORKER_NODES_DIR
+    entries = [json.loads(p.read_text()) for p in folder.glob("rank_*.json")] if folder.is_dir() else []
+    return sorted(entries, key=lambda e: e["rank"])
 
 
 def _local_checkpoints(run_dir: Path) -> list[Path]:
@@ -432,11 +431,13 @@ def _latest_local_state(run_dir: Path) -> dict[str, Any] | None:
 
 def setup_worker(config: Mapping[str, Any]) -> torch.device:
     """Per-worker set-up: thread count, device. Call first in every loop."""
-    global _LOCAL_DIR, _MLFLOW_RUN
+    global _LOCAL_DIR, _MLFLOW_RUN, _RUN_DIR
     rt = config.get("_runtime", {})
     torch.set_num_threads(int(rt.get("torch_threads", 1)))
     _LOCAL_DIR = Path(rt["local_dir"]) if rt.get("local_dir") else None
+    _RUN_DIR = Path(rt["run_dir"]) if rt.get("run_dir") else None
     _MLFLOW_RUN = rt.get("mlflow_run")
+    _record_worker_node(rt.get("run_dir"))
     if os.environ.get("SBIR_DETERMINISTIC") == "1":
         set_deterministic()
     try:
@@ -597,12 +598,16 @@ def restore() -> dict[str, Any] | None:
     import ray.train
 
     if _LOCAL_DIR is not None:
-        return _latest_local_state(_LOCAL_DIR)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+        state = _latest_local_state(_LOCAL_DIR)
+    else:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    if state is not None:
+        _record_restore(state)
+    return state
 
 
 def progress(iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
