@@ -412,7 +412,8 @@ def restores(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def worker_nodes(run_dir: Path) -> list[dict[str, Any]]:
-    """The node of every worker of the run's last attempt (rank order); empty in local mode."""
+    """The node of every worker of the run's last attempt (rank order); empty when the loop ran in the
+    stage's own process (local mode outside a Tune trial)."""
     folder = run_dir / WORKER_NODES_DIR
     entries = [json.loads(p.read_text()) for p in folder.glob("rank_*.json")] if folder.is_dir() else []
     return sorted(entries, key=lambda e: e["rank"])
