@@ -55,8 +55,7 @@ def check_device(precision: str, device: torch.device | str) -> None:
 def check_before_start(ray: RayParams) -> None:
     """Refuse fp16 before Ray starts when the workers will not get a GPU. The same test as the runtime's
     GPU choice (``use_gpu: auto`` = whether this process sees CUDA)."""
-    workers_get_gpu = ray.use_gpu is True or (ray.use_gpu == "auto" and torch.cuda.is_available())
-    if ray.precision == "fp16" and not workers_get_gpu:
+    if ray.precision == "fp16" and not rt.use_gpu(ray):
         raise ParamsError(f"ray.precision fp16 needs CUDA workers (ray.use_gpu is {ray.use_gpu!r} and "
                           f"{'CUDA is available' if torch.cuda.is_available() else 'no CUDA device is visible'}); "
                           "use bf16 (CPU and CUDA) or fp32")

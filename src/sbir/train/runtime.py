@@ -123,7 +123,8 @@ def ensure_ray(ray_params: RayParams) -> None:
                                      context.address_info.get("session_dir"))
 
 
-def _use_gpu(ray_params: RayParams) -> bool:
+def use_gpu(ray_params: RayParams) -> bool:
+    """Whether the stage's workers get a GPU (``use_gpu: auto``: whether this process sees CUDA)."""
     if ray_params.use_gpu == "auto":
         return torch.cuda.is_available()
     return bool(ray_params.use_gpu)
@@ -333,11 +334,11 @@ def _trainer(stage: str, loop: Callable[[dict], None], config: dict[str, Any], r
     # the driver's Ray logger at WARNING, as ensure_ray's ray.init(logging_level=...) sets it; local mode
     # (num_workers=0) calls no ray.init, and Ray's import sets it to INFO ("Running in local mode ...")
     logging.getLogger("ray").setLevel(logging.WARNING)
-    use_gpu = _use_gpu(ray_params)
+    gpu = use_gpu(ray_params)
     if ray_params.num_workers > 0:
         ensure_ray(ray_params)
-        scaling = ScalingConfig(num_workers=ray_params.num_workers, use_gpu=use_gpu,
-                                resources_per_worker={"CPU": ray_params.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        scaling = ScalingConfig(num_workers=ray_params.num_workers, use_gpu=gpu,
+                                resources_per_worker={"CPU": ray_params.cpus_per_worker, **({"GPU": 1} if gpu else {})},
                                 placement_strategy=ray_params.placement_strategy)
     else:
         scaling = ScalingConfig(num_workers=0)
@@ -345,7 +346,7 @@ def _trainer(stage: str, loop: Callable[[dict], None], config: dict[str, Any], r
         loop,
         train_loop_config=config,
         scaling_config=scaling,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(
             name=stage,
             storage_path=str(storage),
