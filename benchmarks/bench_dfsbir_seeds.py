@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 METHODS = ("chance", "classifier_only_best", "unimodal_dfl", "crossx_dfl", "upper_bound")
-METRICS = ("mAP@all", "mAP@200", "P@100", "P@200")
+METRICS = ("mAP@all", "mAP@200", "P@100", "P@200")  # the default params' evaluate.map_ks / precision_ks
 # the uni-modal baseline: no cross-modal term in synthesis or distillation, per-teacher proxies
 UNIMODAL = ["reconstruct.weights.class_alignment=0", "distill.weights.cross_modal=0", "distill.proxy_init=per_modality"]
 SPLITS = {"default": [],
@@ -100,6 +100,14 @@ def collect_seed(out: Path, args: argparse.Namespace) -> dict | None:
 
 def methods(args: argparse.Namespace) -> tuple[str, ...]:
     return METHODS if args.unimodal else tuple(m for m in METHODS if m != "unimodal_dfl")
+
+
+def evaluated_metrics(params: str) -> tuple[str, ...]:
+    """mAP@all and the evaluate stage's mAP@k / P@k for the params file (a real-data pipeline has its own ks)."""
+    from sbir.config import load_params
+
+    p = load_params(Path(params)).evaluate
+    return ("mAP@all", *(f"mAP@{k}" for k in p.map_ks), *(f"P@{k}" for k in p.precision_ks))
 
 
 def metric_keys(split: str) -> list[str]:
@@ -174,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="run nothing: summarise the seeds already finished in --work (the others are listed)")
     args = ap.parse_args(argv)
 
+    global METRICS
+    METRICS = evaluated_metrics(args.params)
     name = "dfsbir_seeds" if args.split == "default" else f"dfsbir_{args.split}_seeds"
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"{name}.json")
     work = Path(args.work or tempfile.mkdtemp(prefix=f"{name}-")).resolve()

@@ -814,12 +814,12 @@ def test_vectorise_cli_options(tmp_path):
 
 
 # =========================================================================== real-data pipelines
-PIPELINES = ("sketchy-mini", "qmul-shoe-v1")
+PIPELINES = ("sketchy-mini", "qmul-shoe-v1", "quickdraw-sketchy")
 
 
 @pytest.mark.parametrize("name", PIPELINES)
 def test_real_data_pipeline_params_and_dag(name, tmp_path):
-    """Both pipelines' params validate and their dvc.yaml only names existing stages, params and files."""
+    """The pipelines' params validate and their dvc.yaml only names existing stages, params and files."""
     import yaml
 
     from sbir.config import load_params
@@ -831,8 +831,10 @@ def test_real_data_pipeline_params_and_dag(name, tmp_path):
     dvc = yaml.safe_load((pdir / "dvc.yaml").read_text())
     raw = yaml.safe_load((pdir / "params.yaml").read_text())
     for stage, spec in dvc["stages"].items():
-        if stage == "ingest":
+        if stage.startswith("ingest"):
             assert spec["cmd"].startswith("python -m sbir ingest ")
+        elif stage == "compose":
+            assert spec["cmd"].startswith("python -m sbir compose ")
         else:  # a registered stage
             assert stage in STAGES and spec["cmd"].startswith(f"python -m sbir run {stage} ")
         for dep in spec.get("deps", []):  # code deps exist; data deps are this pipeline's outputs
@@ -849,9 +851,15 @@ def test_real_data_pipeline_params_and_dag(name, tmp_path):
     if name == "qmul-shoe-v1":
         assert params.fgsbir_joint.init == "scratch"  # no category-level students for one class
         assert "distill" not in dvc["stages"] and "qmul_v1_shoes" in dvc["stages"]["ingest"]["cmd"]
-    else:
+        assert params.distill.student.backbone.pretrained and params.sketch_generator.encoder_init == "imagenet"
+    elif name == "sketchy-mini":
         assert params.fgsbir_joint.init == "data_free"
-        assert params.teacher_pretrain.image_size == 48 and "--photo-size 48" in dvc["stages"]["ingest"]["cmd"]
+        assert params.teacher_pretrain.image_size == 128 and "--photo-size 96" in dvc["stages"]["ingest"]["cmd"]
+    else:  # the cross-dataset study: category level only, the class map is a file of the pipeline
+        assert "fg_evaluate" not in dvc["stages"] and "--class-map pipelines/quickdraw-sketchy/class_map.yaml" in \
+            dvc["stages"]["ingest_quickdraw"]["cmd"]
+    if name != "qmul-shoe-v1":
+        assert params.teacher_pretrain.backbone.pretrained and params.distill.student.backbone.pretrained
     # dvc itself parses the file and resolves the DAG (in a copy: no lock or cache of the checkout touched)
     copy = tmp_path / "repo"
     shutil.copytree(REPO / ".dvc", copy / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
@@ -861,7 +869,7 @@ def test_real_data_pipeline_params_and_dag(name, tmp_path):
     r = subprocess.run(["dvc", "dag", "--md", f"pipelines/{name}/dvc.yaml"], cwd=copy, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "fg_evaluate" in r.stdout and "ingest" in r.stdout
+    assert ("evaluate" if name == "quickdraw-sketchy" else "fg_evaluate") in r.stdout and "ingest" in r.stdout
 
 
 QMUL_TINY = {
@@ -917,3 +925,49 @@ def test_qmul_shoe_v1_pipeline_tiny_repro(shared_data, tmp_path):
     assert m["chance/acc@1"] == pytest.approx(1 / 115, abs=1e-4)
     for variant in ("supervised", "semi", "full"):
         assert 0.0 <= m[f"{variant}/acc@1"] <= m[f"{variant}/acc@5"] <= m[f"{variant}/acc@10"] <= 1.0
+
+
+# =========================================================================== cross-dataset composition
+def _dataset(root: Path, classes: list[str], sketches: list[tuple[str, str, str, str | None]], size: int = 16,
+             photos: list[tuple[str, str, str]] = ()) -> Path:
+    """A small prepared dataset: photos (id, class, split) and sketches (id, class, split, photo_id)."""
+    from sbir.data.format import DatasetWriter, PhotoRow, SketchRow, encode_png
+
+    img = encode_png(np.full((size, size), 255, np.uint8))
+    with DatasetWriter(root, classes, root.name) as w:
+        for pid, c, split in photos:
+            w.add_photo(PhotoRow(pid, c, classes.index(c), split, img, size, size))
+        for sid, c, split, photo in sketches:
+            w.add_sketch(SketchRow(sid, c, classes.index(c), split, img, size, size,
+                                   np.array([[0, 0, 0], [5, 5, 1]], np.float32), photo))
+    return root
+
+
+def test_compose_cross_dataset(tmp_path):
+    """Photos and test sketches from one dataset, every sketch of the other as train sketches: labels follow
+    the photo dataset's class list, ids carry their source, what is left out is counted, and mismatched
+    classes or sizes stop with the dataset named."""
+    from sbir.data.compose import compose
+    from sbir.data.format import DatasetFormatError, open_dataset
+
+    photos = [("p1", "cat", "train"), ("p2", "dog", "test"), ("p3", "cat", "test")]
+    sk = _dataset(tmp_path / "sketchy", ["cat", "dog"], [("s1", "cat", "train", "p1"), ("s2", "dog", "test", "p2"),
+                                                         ("s3", "cat", "test", "gone")], photos=photos)
+    qd = _dataset(tmp_path / "qd", ["dog"], [("q1", "dog", "train", None), ("q2", "dog", "test", None)])
+    report = compose(sk, qd, sk, tmp_path / "out")
+    ds = open_dataset(tmp_path / "out")
+    assert ds.class_names == ["cat", "dog"] and ds.manifest["composed"] == report
+    rows = ds.read("sketches").to_pylist()
+    assert {(r["id"], r["split"], r["label"], r["photo_id"]) for r in rows} == {
+        ("qd/q1", "train", 1, None), ("qd/q2", "train", 1, None),  # every split of the train source
+        ("sketchy/s2", "test", 1, "p2"), ("sketchy/s3", "test", 0, None)}  # a photo not in the set is dropped
+    assert ds.read("photos").num_rows == 3
+    assert report["counts"] == {"photos": 3, "train_sketches": 2, "test_sketches": 2}
+    assert report["left_out"] == {"sketchy sketches not in its test split": 1}
+    bad = _dataset(tmp_path / "birds", ["bird"], [("b1", "bird", "train", None)])
+    with pytest.raises(DatasetFormatError, match=r"birds.*\['bird'\] are not photo classes"):
+        compose(sk, bad, sk, tmp_path / "out2")
+    big = _dataset(tmp_path / "big", ["dog"], [("q1", "dog", "train", None)], size=32)
+    with pytest.raises(DatasetFormatError, match="sizes differ"):
+        compose(sk, big, sk, tmp_path / "out3")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()

@@ -506,5 +506,45 @@ def test_photo_teacher_encoder_needs_a_small_cnn_teacher_deep_enough():
     p = GeneratorParams(encoder_init="photo_teacher", feature_stride=16)
     with pytest.raises(ValueError, match="needs 5 blocks"):
         generator_config(p, 32, {"backbone": {"name": "small_cnn", "width": 32, "depth": 4}})
-    with pytest.raises(ValueError, match="small_cnn photo teacher"):
+    with pytest.raises(ValueError, match="small_cnn or efficientnet_lite0 photo teacher"):
         generator_config(p, 32, {"backbone": {"name": "resnet18"}})
+
+
+@pytest.mark.parametrize("init", ["photo_teacher", "imagenet"])
+def test_efficientnet_encoder_from_the_photo_teacher_or_imagenet(init, tmp_path):
+    """An efficientnet_lite0 photo teacher, or the packaged ImageNet weights (no teacher), give G the net's
+    stem and stages up to feature_stride: the same feature map as the source net's layers, frozen, and
+    rebuilt by load_generator."""
+    from sbir.config import BackboneParams, TeacherParams
+    from sbir.fgsbir.generator_train import copy_imagenet_encoder, copy_teacher_encoder, generator_config
+    from sbir.fgsbir.params import GeneratorParams
+    from sbir.models.checkpoints import TeacherSet, load_generator
+    from sbir.models.pretrained import efficientnet_lite0, packaged_weights_file
+
+    tp = TeacherParams(backbone=BackboneParams(name="efficientnet_lite0", pretrained=True), image_size=64)
+    p = GeneratorParams(encoder_init=init, feature_stride=8, max_len=20, latent_dim=8, decoder_hidden=16,
+                        attention_dim=8, num_mixtures=3)
+    cfg = generator_config(p, 64, tp.model_dump(mode="json"))
+    assert cfg.encoder == "efficientnet_lite0" and cfg.freeze_encoder
+    g = PhotoToSketchGenerator(cfg, offset_scale=3.0)
+    if init == "photo_teacher":
+        torch.manual_seed(0)
+        teachers = TeacherSet(tp, 4).eval()
+        with torch.no_grad():  # a fine-tuned teacher differs from ImageNet's weights
+            teachers.photo_teacher.backbone.net.conv_stem.weight.mul_(1.5)
+        copy_teacher_encoder(g, teachers)
+        net = teachers.photo_teacher.backbone.net
+    else:
+        copy_imagenet_encoder(g)
+        net = efficientnet_lite0(0, packaged_weights_file()).eval()
+    photos = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want = net.blocks[:3](net.bn1(net.conv_stem((photos - 0.5) / 0.5)))  # stride 8: 8x8 x 40
+        feats, _, _ = g.encode(photos)
+    assert feats.shape == (2, 64, 40 + 2)
+    assert torch.allclose(feats[..., :-2], want.flatten(2).transpose(1, 2), atol=1e-5)
+    assert not any(w.requires_grad for w in g.encoder.parameters())
+    torch.save({"model": g.state_dict(), "config": cfg.to_dict()}, tmp_path / "g.pt")
+    g2, _ = load_generator(tmp_path / "g.pt")
+    with torch.no_grad():
+        assert torch.allclose(g2.encode(photos)[0], g.eval().encode(photos)[0], atol=1e-6)

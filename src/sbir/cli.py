@@ -1,6 +1,7 @@
 """The ``sbir`` command (also ``python -m sbir``). Subcommands live in ``SUBCOMMANDS`` (one
 ``add_<name>(subparsers)`` each): ``run`` (one pipeline stage, what dvc.yaml calls), ``stages`` (the
-registry), ``search``, ``ingest``, ``app`` (the draw-and-search page)."""
+registry), ``search``, ``ingest``, ``compose`` (a cross-dataset dataset from two ingested ones), ``app``
+(the draw-and-search page)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ import sys
 from typing import Callable, Sequence
 
 from sbir.app.cli import add_app
+from sbir.data.compose import add_compose
 from sbir.data.ingest.cli import add_ingest
 
 SEARCH_HELP = """\
@@ -158,7 +160,8 @@ def list_stages(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
-    "run": add_run, "stages": add_stages, "search": add_search, "ingest": add_ingest, "app": add_app}
+    "run": add_run, "stages": add_stages, "search": add_search, "ingest": add_ingest,
+    "compose": add_compose, "app": add_app}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,6 +104,16 @@ def set_normalisation(teachers: TeacherSet, data: TeacherData) -> None:
                                               (photo_stats[1] + sketch_stats[1]) / 2)
 
 
+def parameter_groups(teachers: TeacherSet, p: TeacherParams) -> list[dict[str, Any]]:
+    """The classifiers' backbones at lr * backbone_lr_scale, everything else at lr (one group when 1)."""
+    backbones = [w for net in (teachers.photo_teacher, teachers.sketch_teacher) for w in net.backbone.parameters()]
+    if p.backbone_lr_scale == 1.0:
+        return [{"params": list(teachers.parameters()), "lr": p.lr}]
+    ids = {id(w) for w in backbones}
+    return [{"params": backbones, "lr": p.lr * p.backbone_lr_scale},
+            {"params": [w for w in teachers.parameters() if id(w) not in ids], "lr": p.lr}]
+
+
 def teacher_loop(config: dict) -> None:
     device = rt.setup_worker(config)
     dev = LoopDevice.from_config(config, device)
@@ -114,9 +124,10 @@ def teacher_loop(config: dict) -> None:
     teachers = TeacherSet(p, ds.num_classes)
     set_normalisation(teachers, data)
     teachers.to(device)
-    opt = torch.optim.AdamW(teachers.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    opt = torch.optim.AdamW(parameter_groups(teachers, p), lr=p.lr, weight_decay=p.weight_decay)
     steps_per_epoch = max(1, len(data.photos) // (p.batch_size * rt.world()[1]))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=p.epochs * steps_per_epoch, pct_start=0.2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                total_steps=p.epochs * steps_per_epoch, pct_start=0.2)
     state = rt.restore_into(model=teachers, optimizer=opt, scheduler=sched)
     start_epoch, history = (state["epoch"] + 1, state["history"]) if state else (0, [])
     rt.broadcast_module(teachers)
@@ -125,7 +136,7 @@ def teacher_loop(config: dict) -> None:
         t0 = time.time()
         metrics = train_one_epoch(teachers, opt, sched, data, p, epoch, seed, gen, dev, steps_per_epoch)
         metrics.update(evaluate_teachers(teachers, data, p.image_size, device))  # fp32
-        metrics.update(epoch=epoch, epoch_seconds=time.time() - t0, lr=sched.get_last_lr()[0])
+        metrics.update(epoch=epoch, epoch_seconds=time.time() - t0, lr=sched.get_last_lr()[-1])
         history.append(metrics)
         rt.report(metrics, {"model": teachers.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
@@ -137,6 +148,11 @@ def train_one_epoch(teachers: TeacherSet, opt, sched, data: TeacherData, p: Teac
                     gen: torch.Generator, dev: LoopDevice, steps_per_epoch: int) -> dict[str, float]:
     """One epoch over this rank's photo batches, each with a sketch batch; mean losses over workers."""
     teachers.train()
+    if p.freeze_bn_stats:
+        for net in (teachers.photo_teacher, teachers.sketch_teacher):
+            for m in net.backbone.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
     sums = {"photo_ce": 0.0, "sketch_ce": 0.0, "modality_ce": 0.0}
     photos, sketches = data.photos, data.sketches
     sketch_iter = iter(rt.shard_indices(len(sketches), p.batch_size, epoch, seed + 1))

@@ -31,6 +31,7 @@ from sbir.data.format import open_dataset
 from sbir.fgsbir.params import GeneratorParams
 from sbir.models.backbones import to_float
 from sbir.models.checkpoints import TeacherSet, load_generator, load_teachers
+from sbir.models.pretrained import efficientnet_lite0, efficientnet_trunk, packaged_weights_file
 from sbir.models.sketch_generator import FrozenModule, PhotoToSketchGenerator, SketchGeneratorConfig
 from sbir.train import runtime as rt
 from sbir.train.precision import LoopDevice
@@ -94,16 +95,22 @@ def simplify_all(strokes: Sequence[np.ndarray | None], epsilon: float) -> list[n
 def generator_config(p: GeneratorParams, image_size: int, teacher_params: dict | None = None) -> SketchGeneratorConfig:
     """G's architecture; ``teacher_params`` (teacher_pretrain's params) when the encoder is the photo teacher's."""
     encoder: dict[str, Any] = {}
-    if p.encoder_init == "photo_teacher":
+    if p.encoder_init == "imagenet":
+        encoder = {"encoder": "efficientnet_lite0", "freeze_encoder": p.freeze_encoder}
+    elif p.encoder_init == "photo_teacher":
         backbone = (teacher_params or {}).get("backbone", {})
-        if backbone.get("name") != "small_cnn":
-            raise ValueError(f"sketch_generator.encoder_init photo_teacher needs a small_cnn photo teacher, got "
-                             f"{backbone.get('name')!r}")
-        blocks = 1 + int(math.log2(p.feature_stride))
-        if blocks > int(backbone["depth"]):
-            raise ValueError(f"sketch_generator.feature_stride {p.feature_stride} needs {blocks} blocks of the photo "
-                             f"teacher, which has {backbone['depth']}")
-        encoder = {"encoder": "small_cnn", "encoder_width": int(backbone["width"]), "freeze_encoder": p.freeze_encoder}
+        if backbone.get("name") == "efficientnet_lite0":
+            encoder = {"encoder": "efficientnet_lite0", "freeze_encoder": p.freeze_encoder}
+        elif backbone.get("name") == "small_cnn":
+            blocks = 1 + int(math.log2(p.feature_stride))
+            if blocks > int(backbone["depth"]):
+                raise ValueError(f"sketch_generator.feature_stride {p.feature_stride} needs {blocks} blocks of the "
+                                 f"photo teacher, which has {backbone['depth']}")
+            encoder = {"encoder": "small_cnn", "encoder_width": int(backbone["width"]),
+                       "freeze_encoder": p.freeze_encoder}
+        else:
+            raise ValueError(f"sketch_generator.encoder_init photo_teacher needs a small_cnn or efficientnet_lite0 "
+                             f"photo teacher, got {backbone.get('name')!r}")
     return SketchGeneratorConfig(
         image_size=image_size, in_channels=3, encoder_channels=tuple(p.encoder_channels),
         feature_stride=p.feature_stride, latent_dim=p.latent_dim, decoder_hidden=p.decoder_hidden,
@@ -113,13 +120,25 @@ def generator_config(p: GeneratorParams, image_size: int, teacher_params: dict |
 
 
 def copy_teacher_encoder(model: PhotoToSketchGenerator, teachers: TeacherSet) -> None:
-    """Copy the photo teacher's input normalisation and first conv blocks into G's small_cnn encoder."""
+    """Copy the photo teacher's input normalisation and first conv blocks (small_cnn) or its stem and first
+    stages (efficientnet_lite0) into G's encoder."""
     teacher = teachers.photo_teacher
     encoder = model.encoder.module if isinstance(model.encoder, FrozenModule) else model.encoder
     normalise, features = encoder
     normalise.load_state_dict(teacher.normalise.state_dict())
+    if model.config.encoder == "efficientnet_lite0":
+        trunk, _ = efficientnet_trunk(teacher.backbone.net, model.config.feature_stride)
+        features.load_state_dict(trunk.state_dict())
+        return
     features.load_state_dict({k: v for k, v in teacher.backbone.features.state_dict().items()
                               if int(k.split(".")[0]) < len(features)})
+
+
+def copy_imagenet_encoder(model: PhotoToSketchGenerator) -> None:
+    """Load the packaged ImageNet EfficientNet-Lite0 weights into G's efficientnet_lite0 encoder (no download)."""
+    encoder = model.encoder.module if isinstance(model.encoder, FrozenModule) else model.encoder
+    trunk, _ = efficientnet_trunk(efficientnet_lite0(0, packaged_weights_file()), model.config.feature_stride)
+    encoder[1].load_state_dict(trunk.state_dict())
 
 
 class StrokeBank:
@@ -203,6 +222,8 @@ def generator_loop(config: dict) -> None:
     model = PhotoToSketchGenerator(cfg, offset_scale=data.offset_scale)
     if teachers is not None:
         copy_teacher_encoder(model, teachers)
+    elif p.encoder_init == "imagenet":
+        copy_imagenet_encoder(model)
     model = model.to(device)
     opt = torch.optim.Adam([w for w in model.parameters() if w.requires_grad], lr=p.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_factor(s, p.steps, p.min_lr_ratio))

@@ -28,12 +28,14 @@ class GeneratorParams(FGParams):
                                         description="channels of the photo encoder's conv blocks")
     feature_stride: int = Field(4, ge=1, description="encoder down-sampling (power of two): 32 px -> 8x8 attention "
                                                      "map (stride 8 -> 4x4 halves the time per step)")
-    encoder_init: Literal["scratch", "photo_teacher"] = Field(
-        "photo_teacher", description="G's photo encoder: conv blocks of encoder_channels trained from scratch, or the "
-                               "first 1 + log2(feature_stride) blocks of teacher_pretrain's photo teacher (a "
-                               "small_cnn backbone; needs that stage), which already tell the classes apart")
-    freeze_encoder: bool = Field(True, description="photo_teacher encoder: keep its weights and BatchNorm "
-                                                   "statistics fixed")
+    encoder_init: Literal["scratch", "photo_teacher", "imagenet"] = Field(
+        "photo_teacher", description="G's photo encoder: conv blocks of encoder_channels trained from scratch; the "
+                               "layers of teacher_pretrain's photo teacher up to feature_stride (small_cnn: the "
+                               "first 1 + log2(feature_stride) blocks; efficientnet_lite0: stem and stages; needs "
+                               "that stage), which already tell the classes apart; or imagenet: EfficientNet-Lite0's "
+                               "stem and stages with the packaged ImageNet weights (no teacher needed)")
+    freeze_encoder: bool = Field(True, description="photo_teacher / imagenet encoder: keep its weights and "
+                                                   "BatchNorm statistics fixed")
     latent_dim: int = Field(32, ge=1, description="size of the Gaussian latent z")
     decoder_hidden: int = Field(128, ge=8, description="LSTM decoder hidden size")
     attention_dim: int = Field(64, ge=4, description="additive attention size")

@@ -136,6 +136,21 @@ def efficientnet_lite0(num_classes: int = 0, weights: Path | str | None = None) 
     return net
 
 
+def efficientnet_trunk(net: nn.Module, stride: int) -> tuple[nn.Sequential, int]:
+    """The stem and the stages of a timm EfficientNet up to total down-sampling ``stride`` (2 to 32), and its
+    output channels: a feature map for attention (stride 8 at 64 px: 8x8 x 40). Shares ``net``'s modules."""
+    stages, total, channels = [], 2, net.bn1.num_features  # the stem halves the size
+    for stage in net.blocks:
+        step = stage[0].conv_dw.stride[0]
+        if total * step > stride:
+            break
+        total *= step
+        stages.append(stage)
+        last = stage[-1]
+        channels = (last.conv_pwl if hasattr(last, "conv_pwl") else last.conv_pw).out_channels
+    return nn.Sequential(net.conv_stem, net.bn1, *stages), channels
+
+
 def imagenet_classifier() -> nn.Module:
     """The project's :class:`~sbir.models.backbones.Classifier` built with the option
     ``backbone: {name: efficientnet_lite0, pretrained: true}`` and its 1000-class head restored from the

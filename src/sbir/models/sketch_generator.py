@@ -112,11 +112,14 @@ class SketchGeneratorConfig:
     not resized.
 
     ``encoder``: "conv" (the GroupNorm conv blocks of ``encoder_channels``,
-    trained from scratch) or "small_cnn": input normalisation and the first
+    trained from scratch), "small_cnn" (input normalisation and the first
     ``1 + log2(feature_stride)`` blocks of a :class:`~sbir.models.backbones.SmallCNN`
-    of width ``encoder_width`` (the layout of a photo teacher's backbone, whose
-    weights the sketch_generator stage copies in), kept fixed when
-    ``freeze_encoder`` (no gradient, BatchNorm statistics frozen).
+    of width ``encoder_width``: the layout of a photo teacher's backbone, whose
+    weights the sketch_generator stage copies in) or "efficientnet_lite0" (input
+    normalisation, stem and the stages of timm's EfficientNet-Lite0 up to
+    ``feature_stride``; the stage copies in a photo teacher's or the packaged
+    ImageNet weights); kept fixed when ``freeze_encoder`` (no gradient,
+    BatchNorm statistics frozen).
     """
 
     image_size: int = 32
@@ -142,8 +145,10 @@ class SketchGeneratorConfig:
         s = int(self.feature_stride)
         if s < 1 or s & (s - 1):
             raise ValueError(f"feature_stride must be a power of two, got {s}")
-        if self.encoder not in ("conv", "small_cnn"):
-            raise ValueError(f"encoder must be 'conv' or 'small_cnn', got {self.encoder!r}")
+        if self.encoder not in ("conv", "small_cnn", "efficientnet_lite0"):
+            raise ValueError(f"encoder must be 'conv', 'small_cnn' or 'efficientnet_lite0', got {self.encoder!r}")
+        if self.encoder == "efficientnet_lite0" and not 2 <= s <= 32:
+            raise ValueError(f"an efficientnet_lite0 encoder has feature strides 2 to 32, got {s}")
         if self.encoder == "conv" and s > 2 ** len(self.encoder_channels):
             raise ValueError(
                 f"feature_stride {s} needs more than {len(self.encoder_channels)} conv blocks"
@@ -321,6 +326,14 @@ def _build_encoder(cfg: SketchGeneratorConfig) -> tuple[nn.Module, int]:
         cnn = SmallCNN(cfg.encoder_width, depth=1 + n_down)  # block 0 keeps the size, each later one halves it
         encoder: nn.Module = nn.Sequential(Normalise(), cnn.features)
         return (FrozenModule(encoder) if cfg.freeze_encoder else encoder), cnn.out_dim
+    if cfg.encoder == "efficientnet_lite0":
+        from sbir.models.backbones import build_normalise
+        from sbir.models.pretrained import efficientnet_lite0, efficientnet_trunk
+        from sbir.config import BackboneParams
+
+        trunk, channels = efficientnet_trunk(efficientnet_lite0(0), cfg.feature_stride)
+        encoder = nn.Sequential(build_normalise(BackboneParams(name="efficientnet_lite0", pretrained=True)), trunk)
+        return (FrozenModule(encoder) if cfg.freeze_encoder else encoder), channels
     layers: list[nn.Module] = []
     c_in = cfg.in_channels
     for i, c in enumerate(cfg.encoder_channels):
