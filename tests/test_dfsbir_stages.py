@@ -153,3 +153,40 @@ def test_class_ids_outside_the_dataset_are_refused_before_ray(tmp_path, tiny_dat
                      {"photo_classes": [0, 9]})
     with pytest.raises(ValueError, match=r"photo_classes has class ids \[9\]"):
         run_stage("teacher_pretrain", ["--params", params, "--no-mlflow"])
+
+
+def test_teacher_backbone_lr_scale_and_frozen_batchnorm_statistics():
+    """backbone_lr_scale puts both classifiers' backbones in a group of their own at lr * scale (one group at
+    1.0, as before); freeze_bn_stats keeps their BatchNorm statistics through an epoch while the modality
+    net's still move."""
+    import torch
+
+    from sbir.config import TeacherParams
+    from sbir.data.datasets import ImageSet
+    from sbir.dfsbir.teacher import TeacherData, parameter_groups, train_one_epoch
+    from sbir.models.checkpoints import TeacherSet
+    from sbir.train.precision import LoopDevice
+
+    p = TeacherParams(backbone_lr_scale=0.1, freeze_bn_stats=True, batch_size=4, lr=1e-2)
+    teachers = TeacherSet(p, 3)
+    groups = parameter_groups(teachers, p)
+    backbone_ids = {id(w) for net in (teachers.photo_teacher, teachers.sketch_teacher) for w in net.backbone.parameters()}
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-3), 1e-2]
+    assert {id(w) for w in groups[0]["params"]} == backbone_ids
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(teachers.parameters()))
+    assert len(parameter_groups(teachers, TeacherParams())) == 1
+
+    def images(n: int, c: int) -> ImageSet:
+        return ImageSet(torch.randint(0, 255, (n, c, 32, 32), dtype=torch.uint8), torch.arange(n) % 3,
+                        [str(i) for i in range(n)])
+
+    data = TeacherData(images(8, 3), images(8, 1), images(4, 3), images(4, 1))
+    stats = lambda net: [m.running_mean.clone() for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = {k: stats(getattr(teachers, k)) for k in ("photo_teacher", "sketch_teacher", "modality_net")}
+    opt = torch.optim.AdamW(groups, lr=p.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=2)
+    train_one_epoch(teachers, opt, sched, data, p, 0, 0, torch.Generator().manual_seed(0),
+                    LoopDevice.from_config({}, torch.device("cpu")), 2)
+    for k in ("photo_teacher", "sketch_teacher"):
+        assert all(torch.equal(a, b) for a, b in zip(before[k], stats(getattr(teachers, k))))
+    assert not all(torch.equal(a, b) for a, b in zip(before["modality_net"], stats(teachers.modality_net)))

@@ -814,7 +814,8 @@ def test_vectorise_cli_options(tmp_path):
 
 
 # =========================================================================== real-data pipelines
-PIPELINES = ("sketchy-mini", "qmul-shoe-v1", "quickdraw-sketchy")
+PIPELINES = ("sketchy-mini", "sketchy-mini-fg", "qmul-shoe-v1", "quickdraw-sketchy")
+CATEGORY_PIPELINES = ("sketchy-mini", "quickdraw-sketchy")  # the others are fine-grained only
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -848,18 +849,19 @@ def test_real_data_pipeline_params_and_dag(name, tmp_path):
                     for part in key.split("."):
                         assert part in node, f"{name}:{stage} declares param {key} missing from params.yaml"
                         node = node[part]
+    student = params.distill.student.backbone
+    assert student.name == "efficientnet_lite0" and student.pretrained  # every real-data run starts from ImageNet
+    if name in CATEGORY_PIPELINES:
+        assert "fg_evaluate" not in dvc["stages"] and params.teacher_pretrain.backbone.pretrained
+        assert params.teacher_pretrain.image_size == 128 and "--photo-size 96" in dvc["stages"][
+            "ingest" if name == "sketchy-mini" else "ingest_sketchy"]["cmd"]
+    else:  # fine-grained: F and G's encoder from ImageNet, no teacher stage
+        assert params.fgsbir_joint.init == "scratch" and params.sketch_generator.encoder_init == "imagenet"
+        assert "teacher_pretrain" not in dvc["stages"] and "distill" not in dvc["stages"]
     if name == "qmul-shoe-v1":
-        assert params.fgsbir_joint.init == "scratch"  # no category-level students for one class
-        assert "distill" not in dvc["stages"] and "qmul_v1_shoes" in dvc["stages"]["ingest"]["cmd"]
-        assert params.distill.student.backbone.pretrained and params.sketch_generator.encoder_init == "imagenet"
-    elif name == "sketchy-mini":
-        assert params.fgsbir_joint.init == "data_free"
-        assert params.teacher_pretrain.image_size == 128 and "--photo-size 96" in dvc["stages"]["ingest"]["cmd"]
-    else:  # the cross-dataset study: category level only, the class map is a file of the pipeline
-        assert "fg_evaluate" not in dvc["stages"] and "--class-map pipelines/quickdraw-sketchy/class_map.yaml" in \
-            dvc["stages"]["ingest_quickdraw"]["cmd"]
-    if name != "qmul-shoe-v1":
-        assert params.teacher_pretrain.backbone.pretrained and params.distill.student.backbone.pretrained
+        assert "qmul_v1_shoes" in dvc["stages"]["ingest"]["cmd"]
+    if name == "quickdraw-sketchy":  # the class map is a file of the pipeline
+        assert "--class-map pipelines/quickdraw-sketchy/class_map.yaml" in dvc["stages"]["ingest_quickdraw"]["cmd"]
     # dvc itself parses the file and resolves the DAG (in a copy: no lock or cache of the checkout touched)
     copy = tmp_path / "repo"
     shutil.copytree(REPO / ".dvc", copy / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
@@ -869,7 +871,7 @@ def test_real_data_pipeline_params_and_dag(name, tmp_path):
     r = subprocess.run(["dvc", "dag", "--md", f"pipelines/{name}/dvc.yaml"], cwd=copy, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert ("evaluate" if name == "quickdraw-sketchy" else "fg_evaluate") in r.stdout and "ingest" in r.stdout
+    assert ("evaluate" if name in CATEGORY_PIPELINES else "fg_evaluate") in r.stdout and "ingest" in r.stdout
 
 
 QMUL_TINY = {

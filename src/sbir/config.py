@@ -106,8 +106,7 @@ class TeacherParams(Params):
                                                              "the modality net train at lr)")
     freeze_bn_stats: bool = Field(False, description="keep the classifiers' backbone BatchNorm statistics fixed (a "
                                                      "pretrained backbone on a few hundred images keeps its ImageNet "
-                                                     "statistics: measured +0.10 photo test accuracy on the Sketchy "
-                                                     "sample, docs/real-data.md)")
+                                                     "statistics; benchmarks/teacher_recipes.py compares)")
     augment: bool = True
     # class-split studies (the paper's robustness studies): the dataset classes each teacher is trained
     # on; null = all. Equal lists leave the other classes unseen; unequal ones make a partial overlap.

@@ -1,0 +1,123 @@
+"""The real-data pipelines' results in one file: what each `dvc repro pipelines/<name>/dvc.yaml` wrote.
+
+Reads, for every pipeline whose outputs exist, the files its stages wrote under ``outputs/<name>/``
+(teacher accuracies, the category table of ``evaluate``, the fine-grained table of ``fg_evaluate``,
+every stage's ``stage_seconds``) and the backbone and sizes from its params, and writes
+``benchmarks/results/real_data.json`` plus the markdown tables that docs/real-data.md and the README show.
+It runs nothing: run the pipelines first (``make repro PIPELINE=pipelines/<name>/dvc.yaml``).
+
+    python benchmarks/real_data.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINES = ("sketchy-mini", "quickdraw-sketchy", "qmul-shoe-v1")
+CATEGORY_METHODS = ("chance", "classifier_only_t0.5", "classifier_only", "classifier_only_t2", "classifier_only_t4",
+                    "classifier_only_logits", "classifier_only_best", "crossx_dfl", "upper_bound")
+FG_MODELS = ("chance", "supervised", "semi", "full")
+STAGE_ORDER = ("ingest", "ingest_sketchy", "ingest_quickdraw", "compose", "teacher_pretrain", "reconstruct",
+               "distill", "upper_bound", "evaluate", "sketch_generator", "pseudo_pairs", "fgsbir_joint", "fg_evaluate")
+
+
+def read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect(name: str) -> dict | None:
+    out = REPO / "outputs" / name
+    if not out.is_dir():
+        return None
+    params = yaml.safe_load((REPO / "pipelines" / name / "params.yaml").read_text())
+    dvc = yaml.safe_load((REPO / "pipelines" / name / "dvc.yaml").read_text())
+    record: dict = {"setting": setting(params, dvc)}
+    teachers = read(out / "teacher_pretrain" / "metrics.json")
+    if teachers:
+        record["teachers"] = {k: teachers[k] for k in ("photo_teacher_test_acc", "sketch_teacher_test_acc",
+                                                       "chance_acc", "epochs")}
+    category = read(out / "evaluate" / "metrics.json")
+    if category:
+        record["category"] = {m: {k.split("/", 1)[1]: v for k, v in category.items() if k.startswith(m + "/")}
+                              for m in CATEGORY_METHODS if f"{m}/mAP@all" in category}
+        record["category"]["classifier_only_best"]["variant"] = category.get("classifier_only_best_variant")
+    fg = read(out / "fg_evaluate" / "metrics.json")
+    if fg:
+        record["fine_grained"] = {m: {k: fg[f"{m}/{k}"] for k in ("acc@1", "acc@5", "acc@10", "mean_rank")}
+                                  for m in FG_MODELS}
+        record["fine_grained"]["queries"] = fg["num_queries"]
+        record["fine_grained"]["gallery"] = fg["gallery_size"]
+    seconds = {}
+    for stage in [s for s in STAGE_ORDER if s in dvc["stages"]]:
+        sm = read(out / stage / "stage_metrics.json")
+        if sm:
+            seconds[stage] = sm["stage_seconds"]
+    record["stage_seconds"] = seconds
+    record["training_stage_seconds_total"] = round(sum(seconds.values()), 1)
+    return record
+
+
+def setting(params: dict, dvc: dict) -> dict:
+    """Backbone and sizes, from the pipeline's params and its ingest command."""
+    cmd = " ".join(s["cmd"] for n, s in dvc["stages"].items() if n.startswith("ingest"))
+    size = cmd.split("--photo-size ")[1].split()[0] if "--photo-size " in cmd else None
+    student = params.get("distill", {}).get("student", {}).get("backbone", {})
+    return {"stored_px": int(size) if size else None,
+            "teacher_px": params.get("teacher_pretrain", {}).get("image_size"),
+            "teacher_backbone": params.get("teacher_pretrain", {}).get("backbone"),
+            "student_backbone": student, "fg_px": params.get("fgsbir_joint", {}).get("image_size"),
+            "seed": params.get("seed")}
+
+
+def tables(results: dict) -> str:
+    lines = []
+    for name, r in results.items():
+        s = r["setting"]
+        lines.append(f"### {name} (seed {s['seed']}; {s['student_backbone'].get('name')}"
+                     f"{' pretrained' if s['student_backbone'].get('pretrained') else ''}; stored {s['stored_px']} px, "
+                     f"category nets at {s['teacher_px']} px)")
+        if "teachers" in r:
+            t = r["teachers"]
+            lines.append(f"teachers: photo {t['photo_teacher_test_acc']:.3f}, sketch {t['sketch_teacher_test_acc']:.3f} "
+                         f"test accuracy (chance {t['chance_acc']:.2f})")
+        if "category" in r:
+            lines += ["", "| method | mAP@all | " + " | ".join(k for k in r["category"]["chance"] if k != "mAP@all")
+                      + " |", "|---" * (1 + len(r["category"]["chance"])) + "|"]
+            for m, v in r["category"].items():
+                cells = [f"{v[k]:.4f}" for k in r["category"]["chance"]]
+                lines.append(f"| {m}{' (' + v['variant'] + ')' if m == 'classifier_only_best' else ''} | "
+                             + " | ".join(cells) + " |")
+        if "fine_grained" in r:
+            fg = r["fine_grained"]
+            lines += ["", f"{fg['queries']} queries, gallery {fg['gallery']}:", "",
+                      "| model | Acc@1 | Acc@5 | Acc@10 | mean rank |", "|---|---|---|---|---|"]
+            for m in FG_MODELS:
+                v = fg[m]
+                lines.append(f"| {m} | {v['acc@1']:.4f} | {v['acc@5']:.4f} | {v['acc@10']:.4f} | {v['mean_rank']:.1f} |")
+        lines += ["", "stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
+                  + f" (total {r['training_stage_seconds_total']:.0f} s)", ""]
+    return "\n".join(lines)
+
+
+def main() -> dict:
+    results = {name: r for name in PIPELINES if (r := collect(name)) is not None}
+    if not results:
+        sys.exit("no real-data pipeline outputs under outputs/: run `make repro PIPELINE=pipelines/<name>/dvc.yaml`")
+    text = tables(results)
+    print(text)
+    doc = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+           "pipelines": results, "tables": text}
+    path = REPO / "benchmarks" / "results" / "real_data.json"
+    path.write_text(json.dumps(doc, indent=2))
+    print(f"-> {path}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
