@@ -35,13 +35,16 @@ def collect(name: str) -> dict | None:
     out = REPO / "outputs" / name
     if not out.is_dir():
         return None
-    params = yaml.safe_load((REPO / "pipelines" / name / "params.yaml").read_text())
     dvc = yaml.safe_load((REPO / "pipelines" / name / "dvc.yaml").read_text())
+    params = params_as_run(name, set(dvc["stages"]))
     record: dict = {"setting": setting(params, dvc)}
     teachers = read(out / "teacher_pretrain" / "metrics.json")
     if teachers:
         record["teachers"] = {k: teachers[k] for k in ("photo_teacher_test_acc", "sketch_teacher_test_acc",
                                                        "chance_acc", "epochs")}
+    bank = read(out / "reconstruct" / "metrics.json")
+    if bank:  # how far the data-free samples are from the teachers' classes
+        record["bank"] = {k: bank[k] for k in ("bank_photo_teacher_acc", "bank_sketch_teacher_acc", "bank_pair_agreement")}
     category = read(out / "evaluate" / "metrics.json")
     if category:
         record["category"] = {m: {k.split("/", 1)[1]: v for k, v in category.items() if k.startswith(m + "/")}
@@ -63,8 +66,23 @@ def collect(name: str) -> dict | None:
     return record
 
 
+def params_as_run(name: str, stages: set[str]) -> dict:
+    """The params each of ``stages`` ran with, from the pipeline's dvc.lock (params.yaml may have moved on)."""
+    lock = yaml.safe_load((REPO / "pipelines" / name / "dvc.lock").read_text())
+    params: dict = {}
+    for stage in (v for k, v in lock["stages"].items() if k in stages):
+        for values in stage.get("params", {}).values():
+            for key, value in values.items():
+                node = params
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+    return params
+
+
 def setting(params: dict, dvc: dict) -> dict:
-    """Backbone and sizes, from the pipeline's params and its ingest command."""
+    """Backbone and sizes (and every stage's params as run), from the lock's params and the ingest command."""
     cmd = " ".join(s["cmd"] for n, s in dvc["stages"].items() if n.startswith("ingest"))
     size = cmd.split("--photo-size ")[1].split()[0] if "--photo-size " in cmd else None
     student = params.get("distill", {}).get("student", {}).get("backbone", {})
@@ -72,7 +90,7 @@ def setting(params: dict, dvc: dict) -> dict:
             "teacher_px": params.get("teacher_pretrain", {}).get("image_size"),
             "teacher_backbone": params.get("teacher_pretrain", {}).get("backbone"),
             "student_backbone": student, "fg_px": params.get("fgsbir_joint", {}).get("image_size"),
-            "seed": params.get("seed")}
+            "seed": params.get("seed"), "stage_params": {k: v for k, v in params.items() if k != "ray"}}
 
 
 def tables(results: dict) -> str:
@@ -86,6 +104,10 @@ def tables(results: dict) -> str:
             t = r["teachers"]
             lines.append(f"teachers: photo {t['photo_teacher_test_acc']:.3f}, sketch {t['sketch_teacher_test_acc']:.3f} "
                          f"test accuracy (chance {t['chance_acc']:.2f})")
+        if "bank" in r:
+            b = r["bank"]
+            lines.append(f"data-free sample bank: the photo / sketch teacher classify {b['bank_photo_teacher_acc']:.3f} / "
+                         f"{b['bank_sketch_teacher_acc']:.3f} of its samples as their intended class")
         if "category" in r:
             lines += ["", "| method | mAP@all | " + " | ".join(k for k in r["category"]["chance"] if k != "mAP@all")
                       + " |", "|---" * (1 + len(r["category"]["chance"])) + "|"]
@@ -105,15 +127,21 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> dict:
-    results = {name: r for name in PIPELINES if (r := collect(name)) is not None}
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "real_data.json"))
+    args = ap.parse_args(argv)
+    results = {name: r for name in args.pipelines if (r := collect(name)) is not None}
     if not results:
         sys.exit("no real-data pipeline outputs under outputs/: run `make repro PIPELINE=pipelines/<name>/dvc.yaml`")
     text = tables(results)
     print(text)
     doc = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
            "pipelines": results, "tables": text}
-    path = REPO / "benchmarks" / "results" / "real_data.json"
+    path = Path(args.out)
     path.write_text(json.dumps(doc, indent=2))
     print(f"-> {path}")
     return doc
