@@ -127,6 +127,29 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_table(results: dict) -> str:
+    """One line per pipeline and figure: the README's table."""
+    lines = ["| pipeline | figure | result | chance | stage time |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        total = f"{r['training_stage_seconds_total'] / 60:.1f} min"
+        if "teachers" in r:
+            t = r["teachers"]
+            lines.append(f"| {name} | teachers' test accuracy: photo / sketch | {t['photo_teacher_test_acc']:.3f} / "
+                         f"{t['sketch_teacher_test_acc']:.3f} | {t['chance_acc']:.2f} | {total} |")
+        if "category" in r:
+            c = r["category"]
+            lines.append(f"| {name} | mAP@all: classifier-only best / CrossX-DFL / upper bound | "
+                         f"{c['classifier_only_best']['mAP@all']:.3f} / {c['crossx_dfl']['mAP@all']:.3f} / "
+                         f"{c['upper_bound']['mAP@all']:.3f} | {c['chance']['mAP@all']:.3f} | |")
+        if "fine_grained" in r:
+            fg = r["fine_grained"]
+            for k in ("acc@1", "acc@10"):
+                lines.append(f"| {name} | {k.replace('acc', 'Acc')}: supervised / semi / full | "
+                             + " / ".join(f"{fg[m][k]:.3f}" for m in ("supervised", "semi", "full"))
+                             + f" | {fg['chance'][k]:.3f} | {total if k == 'acc@1' and 'teachers' not in r else ''} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
@@ -139,8 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("no real-data pipeline outputs under outputs/: run `make repro PIPELINE=pipelines/<name>/dvc.yaml`")
     text = tables(results)
     print(text)
+    summary = summary_table(results)
+    print(summary)
     doc = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
-           "pipelines": results, "tables": text}
+           "pipelines": results, "tables": text, "summary_table": summary}
     path = Path(args.out)
     path.write_text(json.dumps(doc, indent=2))
     print(f"-> {path}")
