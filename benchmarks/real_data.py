@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINES = ("sketchy-mini", "quickdraw-sketchy", "qmul-shoe-v1")
+PIPELINES = ("sketchy-mini", "quickdraw-sketchy", "sketchy-mini-fg", "qmul-shoe-v1")
 CATEGORY_METHODS = ("chance", "classifier_only_t0.5", "classifier_only", "classifier_only_t2", "classifier_only_t4",
                     "classifier_only_logits", "classifier_only_best", "crossx_dfl", "upper_bound")
 FG_MODELS = ("chance", "supervised", "semi", "full")
