@@ -97,9 +97,10 @@ def tables(results: dict) -> str:
     lines = []
     for name, r in results.items():
         s = r["setting"]
+        seen = (f"category nets at {s['teacher_px']} px" if s["teacher_px"] else f"F at {s['fg_px'] or s['stored_px']} px")
         lines.append(f"### {name} (seed {s['seed']}; {s['student_backbone'].get('name')}"
                      f"{' pretrained' if s['student_backbone'].get('pretrained') else ''}; stored {s['stored_px']} px, "
-                     f"category nets at {s['teacher_px']} px)")
+                     f"{seen})")
         if "teachers" in r:
             t = r["teachers"]
             lines.append(f"teachers: photo {t['photo_teacher_test_acc']:.3f}, sketch {t['sketch_teacher_test_acc']:.3f} "
