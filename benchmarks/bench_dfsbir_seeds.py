@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 METHODS = ("chance", "classifier_only_best", "unimodal_dfl", "crossx_dfl", "upper_bound")
-METRICS = ("mAP@all", "mAP@200", "P@100", "P@200")  # the default params' evaluate.map_ks / precision_ks
+METRICS = ("mAP@all", "mAP@200", "P@100", "P@200")  # main() sets them from --params (evaluate.map_ks / precision_ks)
 # the uni-modal baseline: no cross-modal term in synthesis or distillation, per-teacher proxies
 UNIMODAL = ["reconstruct.weights.class_alignment=0", "distill.weights.cross_modal=0", "distill.proxy_init=per_modality"]
 SPLITS = {"default": [],
