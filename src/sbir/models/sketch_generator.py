@@ -327,9 +327,9 @@ def _build_encoder(cfg: SketchGeneratorConfig) -> tuple[nn.Module, int]:
         encoder: nn.Module = nn.Sequential(Normalise(), cnn.features)
         return (FrozenModule(encoder) if cfg.freeze_encoder else encoder), cnn.out_dim
     if cfg.encoder == "efficientnet_lite0":
-        from sbir.config import BackboneParams
         from sbir.models.backbones import build_normalise
         from sbir.models.pretrained import efficientnet_lite0, efficientnet_trunk
+        from sbir.config import BackboneParams
 
         trunk, channels = efficientnet_trunk(efficientnet_lite0(0), cfg.feature_stride)
         encoder = nn.Sequential(build_normalise(BackboneParams(name="efficientnet_lite0", pretrained=True)), trunk)
