@@ -30,8 +30,13 @@ $(STAMP):
 
 setup: $(STAMP)
 
+# One Ray instance for the whole run (sbir.train.shared_ray): every training stage joins it instead of starting
+# its own; it stops when dvc does, failed or not.
 repro: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro $(PIPELINE) $(DVC_ARGS)
+	@export PATH="$(CURDIR)/$(BIN):$$PATH"; \
+	eval "$$($(BIN)/python -m sbir.train.shared_ray start)" || exit 1; \
+	trap '$(BIN)/python -m sbir.train.shared_ray stop' EXIT; \
+	$(BIN)/dvc repro $(PIPELINE) $(DVC_ARGS)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -146,3 +146,46 @@ def test_shipped_sweep_specs_are_valid():
     for name in names:
         spec = load_spec(REPO / "pipelines" / "sweeps" / f"{name}.yaml")
         assert spec.name == name
+
+
+def test_stage_keys_name_the_stage():
+    from sbir.sweep.trial import stage_keys
+
+    assert stage_keys("upper_bound", {"val_mAP@all": 0.5, "step": 3}) == {
+        "val_mAP@all": 0.5, "step": 3, "upper_bound/val_mAP@all": 0.5, "upper_bound/step": 3}
+
+
+def _objective_curve(out: Path, trial_id: str, metric: str) -> dict[int, float]:
+    """training_iteration -> objective of every result Tune recorded for the trial (its result.json)."""
+    (result_file,) = (out / "tune").glob(f"*/run_trial_{trial_id}_*/result.json")
+    rows = [json.loads(line) for line in result_file.read_text().splitlines() if line]
+    return {r["training_iteration"]: r[metric] for r in rows if metric in r}
+
+
+def test_objective_reported_during_training_lets_asha_prune(tiny_params, tmp_path):
+    """upper_bound validates every eval_every steps and the trial reports each point to Tune under the name
+    the objective has (``upper_bound/best_val_mAP@all``), so ASHA compares trials at its rungs while they
+    train. Two trials run one after the other; ASHA's rule then says exactly what must happen: the second
+    stops at the first rung (iteration 2) where its objective is below the first trial's."""
+    out = tmp_path / "sweep"
+    metric = "upper_bound/best_val_mAP@all"
+    spec = _spec(tmp_path, tiny_params, stages=["upper_bound"], validation="none", validation_options={},
+                 base_overrides={"upper_bound.max_steps": 12, "upper_bound.eval_every": 2, "upper_bound.patience": 10,
+                                 "upper_bound.batch_size": 16},
+                 space={"upper_bound.lr": {"type": "grid", "values": [0.01, 1e-9]}},
+                 objective={"metric": metric, "mode": "max"}, num_samples=1, max_concurrent_trials=1,
+                 asha={"enabled": True, "time_attr": "training_iteration", "max_t": 100, "grace_period": 2,
+                       "reduction_factor": 2})
+    summary = run_sweep(spec, out, use_mlflow=False)
+    df = pd.read_csv(out / "results.csv").set_index("upper_bound.lr")
+    assert summary["num_trials"] == 2 and summary["num_failed"] == 0, summary
+    first, second = (_objective_curve(out, df.loc[lr, "trial_id"], metric) for lr in (0.01, 1e-9))
+    assert df.loc[0.01, "status"] == "completed"
+    assert sorted(first) == list(range(1, 8))  # 6 validation points during training + the trial's final result
+    assert math.isclose(first[7], df.loc[0.01, "objective"])
+    # ASHA's rungs at 2 and 4 (grace 2, factor 2); the cutoff of one recorded trial is its value
+    stop_at = next((m for m in (2, 4) if second[m] < first[m]), None)
+    if stop_at is None:
+        assert df.loc[1e-9, "status"] == "completed"
+    else:
+        assert df.loc[1e-9, "status"] == "pruned" and max(second) == stop_at

@@ -126,6 +126,21 @@ class EstimatorLossWeights(Params):
     diversity: float = Field(0.3, ge=0, description="mode-seeking term (ours): samples of one class differ")
 
 
+class FastSynthesisParams(Params):
+    """``reconstruct.synthesis: fast``, in the spirit of Fast-Datafree (Fang et al., AAAI 2022): the estimators
+    learn a common initialisation by meta-learning (Reptile: adapt a copy for a few steps to one batch, then
+    move the initialisation towards the adapted copy), and every later batch is made by a copy adapted from
+    it for a few steps only, instead of one pair of estimators trained for hundreds of steps."""
+
+    meta_steps: int = Field(8, ge=1, description="reconstruct: meta-learning steps of the common initialisation")
+    inner_steps: int = Field(2, ge=1, description="estimator steps that adapt a copy of the initialisation to a batch")
+    inner_lr: float = Field(1e-3, gt=0, description="lr of the adapted copy (a fresh Adam per batch)")
+    meta_lr: float = Field(0.5, gt=0, le=1, description="Reptile step: init += meta_lr * (adapted - init)")
+    adapt_every: int = Field(25, ge=1, description="distill: rounds between two adaptations (with the hardness "
+                                                   "term against the current students); the fresh pairs of the "
+                                                   "rounds between come from the last adapted copy")
+
+
 class ReconstructParams(Params):
     latent_dim: int = Field(64, ge=2)
     estimator_width: int = Field(16, ge=4)
@@ -136,6 +151,11 @@ class ReconstructParams(Params):
     alignment_detach: Literal["none", "photo", "sketch"] = "none"
     bank_size: int = Field(2048, ge=1, description="reconstructed pairs written to the sample bank")
     log_every: int = Field(50, ge=1)
+    synthesis: Literal["alternation", "fast"] = Field(
+        "alternation", description="alternation: the estimators train for `steps` here and one step per distill "
+                                   "round; fast: a meta-learned initialisation adapted a few steps per batch "
+                                   "(`fast`; `steps` unused)")
+    fast: FastSynthesisParams = FastSynthesisParams()
 
 
 class StudentParams(Params):

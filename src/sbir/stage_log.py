@@ -137,6 +137,13 @@ def stage_log(pipeline: str, stage: str, directory: Path | None = None) -> Itera
         try:
             with contextlib.redirect_stdout(lines), contextlib.redirect_stderr(_Tee(sys.stderr, lines)):
                 yield log
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                log.note(traceback.format_exc())
+            # a clean exit mid-stage: Ray Tune stopping a trial (an ASHA prune ends the trial's report call)
+            log.say(f"[{stage}] stopped {time.strftime('%H:%M:%S')} after {time.time() - log.started:.1f} s "
+                    f"(exit {exc.code}; log: {log.shown_path()})", error=exc.code not in (0, None))
+            raise
         except BaseException as exc:
             log.note(traceback.format_exc())
             log.say(f"[{stage}] failed {time.strftime('%H:%M:%S')} after {time.time() - log.started:.1f} s: "

@@ -23,9 +23,10 @@ import torch
 
 from sbir.config import DistillParams, ReconstructParams, StudentTrainingParams
 from sbir.dfsbir import losses as L
-from sbir.dfsbir.reconstruct import EstimatorObjective, build_estimators, read_bank
+from sbir.dfsbir.reconstruct import EstimatorObjective, adapt, build_estimators, read_bank, reptile_update
 from sbir.models.backbones import EncoderPair, to_float
 from sbir.models.checkpoints import TeacherSet, build_students, load_teachers, read_checkpoint
+from sbir.models.estimators import EstimatorPair
 from sbir.train import runtime as rt
 from sbir.train.precision import LoopDevice
 
@@ -101,17 +102,27 @@ class ReconstructedPairs:
         self.bank = SampleBank(read_bank(config["bank_path"]), p.bank_capacity)
         self.p, self.teachers, self.device, self.dev = p, teachers, device, dev
         self.rounds = p.rounds
+        # fast synthesis (reconstruct.synthesis: fast): self.estimators is the common initialisation, and the
+        # fresh pairs come from its latest adapted copy (None until the first adaptation of this run)
+        self.fast = rp.fast if rp.synthesis == "fast" else None
+        self.adapted: EstimatorPair | None = None
+        self.last_terms: dict[str, torch.Tensor] = {}
+        self.synthesis_seconds = 0.0  # estimator updates and fresh pairs: the synthesis cost of this run
 
     def checkpoint_targets(self) -> dict[str, Any]:
         return {"estimators": self.estimators, "estimator_optimizer": self.optimizer}
 
     def estimator_steps(self, students: EncoderPair, proxies: tuple[torch.Tensor, torch.Tensor],
                         gen: torch.Generator, rnd: int, sums: dict[str, float]) -> None:
-        """k estimator steps: make samples the current students get wrong (bounded)."""
+        """k estimator steps: make samples the current students get wrong (bounded). Fast synthesis: every
+        ``adapt_every`` rounds, a copy of the initialisation adapted with the hardness term instead."""
         p = self.p
+        t0 = time.time()
         students.eval().requires_grad_(False)
         self.estimators.train()
-        for _ in range(p.estimator_steps):
+        if self.fast is not None:
+            self.adapt(students, proxies, gen, rnd, sums)
+        for _ in range(p.estimator_steps if self.fast is None else 0):
             z, y = self.estimators.sample_inputs(p.batch_size, gen, self.device)
             with self.dev.autocast():
                 x_p, x_s = self.estimators(z, y)
@@ -121,20 +132,36 @@ class ReconstructedPairs:
             add_to(sums, "est_", terms, max(1, p.estimator_steps))
         for n, q in students.named_parameters():
             q.requires_grad_(p.student.backbone_lr_scale > 0 or ".backbone." not in n)
+        self.synthesis_seconds += time.time() - t0
+
+    def adapt(self, students: EncoderPair, proxies: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator,
+              rnd: int, sums: dict[str, float]) -> None:
+        """Fast synthesis: adapt a copy of the initialisation (every ``adapt_every`` rounds), move the
+        initialisation towards it; the est_ curves show the latest adaptation's terms."""
+        if rnd % self.fast.adapt_every == 0 or self.adapted is None:
+            self.adapted, _, terms, _, _ = adapt(self.estimators, self.objective, self.fast, self.p.batch_size, gen,
+                                                 self.dev, rnd, "distill/estimators", students=students,
+                                                 proxies=proxies, proxy_scale=PROXY_SCALE)
+            reptile_update(self.estimators, self.adapted, self.fast.meta_lr)
+            self.last_terms = {k: v.detach() for k, v in terms.items()}
+        add_to(sums, "est_", self.last_terms, 1)
 
     @torch.no_grad()
     def student_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh pairs (added to the bank) and replayed ones; labels are the teachers' predictions."""
+        t0 = time.time()
         n_replay = int(round(self.p.batch_size * self.p.replay_fraction))
-        self.estimators.eval()
-        z, y = self.estimators.sample_inputs(self.p.batch_size - n_replay, gen, self.device)
+        source = self.adapted if self.adapted is not None else self.estimators
+        source.eval()
+        z, y = source.sample_inputs(self.p.batch_size - n_replay, gen, self.device)
         with self.dev.autocast():
-            fresh_p, fresh_s = self.estimators(z, y)
+            fresh_p, fresh_s = source(z, y)
             fresh_p, fresh_s = fresh_p.float(), fresh_s.float()  # the bank holds what the teachers label
             fresh = {"photo": (fresh_p * 255).round().to(torch.uint8).cpu(),
                      "sketch": (fresh_s[:, :1] * 255).round().to(torch.uint8).cpu()}
             fresh["photo_teacher_label"] = self.teachers.photo_teacher(fresh_p).argmax(1).cpu()
             fresh["sketch_teacher_label"] = self.teachers.sketch_teacher(fresh_s).argmax(1).cpu()
+        self.synthesis_seconds += time.time() - t0
         replay = self.bank.sample(n_replay, gen)
         self.bank.add(fresh)
         batch = {k: torch.cat([fresh[k], replay[k]]) for k in replay}
@@ -220,7 +247,8 @@ def distill_loop(config: dict) -> None:
         count += 1
         if (rnd + 1) % p.log_every == 0 or rnd + 1 == source.rounds:
             metrics = rt.mean_over_workers({k: v / count for k, v in sums.items()})
-            metrics.update(round=rnd, seconds_per_round=(time.time() - t0) / count)
+            metrics.update(round=rnd, seconds_per_round=(time.time() - t0) / count,
+                           synthesis_seconds=rt.mean_over_workers({"s": source.synthesis_seconds})["s"])
             history.append(metrics)
             rt.report(metrics, {"students": students.state_dict(), "proxies": proxies.state_dict(),
                                 "optimizer": opt.state_dict(), "round": rnd, "history": history,
@@ -244,5 +272,7 @@ def run_distill(ctx) -> dict[str, Any]:
     history = state["history"]
     metrics = {"final_student_total": round(history[-1]["student_total"], 4),
                "seconds_per_round": round(history[-1]["seconds_per_round"], 4),
-               "rounds": state["round"] + 1, "train_seconds": round(outcome.seconds, 1), "resumed": outcome.resumed}
+               "rounds": state["round"] + 1, "train_seconds": round(outcome.seconds, 1), "resumed": outcome.resumed,
+               # estimator updates and fresh pairs of this run (a resumed run: since its restart)
+               "synthesis_seconds": round(history[-1]["synthesis_seconds"], 2)}
     return ctx.write_training_outputs(history, metrics, title=f"{ctx.stage} losses")

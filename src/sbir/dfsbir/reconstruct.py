@@ -8,6 +8,7 @@ which continues the alternation.
 """
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from sbir.config import ReconstructParams
+from sbir.config import FastSynthesisParams, ReconstructParams
 from sbir.data.format import decode_image, encode_png
 from sbir.dfsbir import losses as L
 from sbir.models.checkpoints import TeacherSet, load_teachers
@@ -94,6 +95,35 @@ def build_estimators(p: ReconstructParams, num_classes: int, image_size: int,
     return estimators
 
 
+def adapt(init: EstimatorPair, objective: EstimatorObjective, fast: FastSynthesisParams, batch_size: int,
+          gen: torch.Generator, dev: LoopDevice, step: int, stage: str, **adversary: Any
+          ) -> tuple[EstimatorPair, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Fast synthesis: a copy of the common initialisation adapted to one batch (one draw of noise and
+    classes) for ``fast.inner_steps`` steps of a fresh Adam. Returns the copy and the last step's total,
+    terms, teacher logits and classes. ``adversary``: the students and proxies of the hardness term."""
+    adapted = copy.deepcopy(init).train()
+    opt = torch.optim.Adam(adapted.parameters(), lr=fast.inner_lr, betas=(0.5, 0.999))
+    z, y = adapted.sample_inputs(batch_size, gen, dev.device)
+    for _ in range(fast.inner_steps):
+        with dev.autocast():
+            x_p, x_s = adapted(z, y)
+            total, terms, out = objective(x_p, x_s, y, z, **adversary)
+        rt.check_finite({**terms, "total": total}, step, stage)
+        dev.step(opt, total, adapted)
+    return adapted, total, terms, out, y
+
+
+@torch.no_grad()
+def reptile_update(init: nn.Module, adapted: nn.Module, meta_lr: float) -> None:
+    """Move the initialisation towards the adapted copy (Reptile); BatchNorm statistics too."""
+    for mine, theirs in zip(list(init.parameters()) + list(init.buffers()),
+                            list(adapted.parameters()) + list(adapted.buffers())):
+        if mine.is_floating_point():
+            mine.lerp_(theirs, meta_lr)
+        else:
+            mine.copy_(theirs)
+
+
 def reconstruct_loop(config: dict) -> None:
     device = rt.setup_worker(config)
     dev = LoopDevice.from_config(config, device)
@@ -103,22 +133,31 @@ def reconstruct_loop(config: dict) -> None:
     teachers, blob = load_teachers(config["teachers_path"], device)
     image_size = int(blob["params"]["image_size"])
     estimators = build_estimators(p, blob["num_classes"], image_size, teachers).to(device)
-    opt = torch.optim.Adam(estimators.parameters(), lr=p.lr, betas=(0.5, 0.999))
+    opt = torch.optim.Adam(estimators.parameters(), lr=p.lr, betas=(0.5, 0.999))  # (fast: Reptile, no outer Adam)
     objective = EstimatorObjective(teachers, p)
     state = rt.restore_into(estimators=estimators, optimizer=opt)
     start, history = (state["step"] + 1, state["history"]) if state else (0, [])
+    compute = history[-1]["compute_seconds"] if history else 0.0
     rt.broadcast_module(estimators)
     gen = torch.Generator().manual_seed(seed * 7919 + rt.world()[0])
     sums: dict[str, float] = {}
     count, t0 = 0, time.time()
-    for step in rt.progress(range(start, p.steps), total=p.steps - start, desc="reconstruct"):
-        estimators.train()
-        z, y = estimators.sample_inputs(p.batch_size, gen, device)
-        with dev.autocast():
-            x_p, x_s = estimators(z, y)
-            total, terms, out = objective(x_p, x_s, y, z)
-        rt.check_finite({**terms, "total": total}, step, "reconstruct")
-        dev.step(opt, total, estimators)
+    steps = p.fast.meta_steps if p.synthesis == "fast" else p.steps
+    for step in rt.progress(range(start, steps), total=steps - start, desc="reconstruct"):
+        t_step = time.time()
+        if p.synthesis == "fast":  # one meta step: adapt a copy to a batch, move the initialisation towards it
+            adapted, total, terms, out, y = adapt(estimators, objective, p.fast, p.batch_size, gen, dev, step,
+                                                  "reconstruct")
+            reptile_update(estimators, adapted, p.fast.meta_lr)
+        else:
+            estimators.train()
+            z, y = estimators.sample_inputs(p.batch_size, gen, device)
+            with dev.autocast():
+                x_p, x_s = estimators(z, y)
+                total, terms, out = objective(x_p, x_s, y, z)
+            rt.check_finite({**terms, "total": total}, step, "reconstruct")
+            dev.step(opt, total, estimators)
+        compute += time.time() - t_step
         acc_p = (out["photo_logits"].argmax(1) == y).float().mean()
         acc_s = (out["sketch_logits"].argmax(1) == y).float().mean()
         agree = (out["photo_logits"].argmax(1) == out["sketch_logits"].argmax(1)).float().mean()
@@ -126,9 +165,10 @@ def reconstruct_loop(config: dict) -> None:
                      "pair_agreement": agree}.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         count += 1
-        if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
+        if (step + 1) % p.log_every == 0 or step + 1 == steps:
             metrics = rt.mean_over_workers({k: v / count for k, v in sums.items()})
-            metrics.update(step=step, seconds_per_step=(time.time() - t0) / count)
+            # compute_seconds: the estimator updates so far, without reports (the synthesis cost)
+            metrics.update(step=step, seconds_per_step=(time.time() - t0) / count, compute_seconds=compute)
             history.append(metrics)
             rt.report(metrics, {"estimators": estimators.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                 "history": history, "params": p.model_dump(mode="json"),
@@ -230,7 +270,9 @@ def run_reconstruct(ctx) -> dict[str, Any]:
         "bank_pair_agreement": round(float((bank["photo_teacher_label"] == bank["sketch_teacher_label"]).float().mean()), 4),
         "final_total_loss": round(history[-1]["total"], 4),
         "seconds_per_step": round(history[-1]["seconds_per_step"], 4),
-        "bank_size": p.bank_size, "bank_seconds": round(time.time() - t0, 1),
+        "bank_size": p.bank_size, "bank_seconds": round(time.time() - t0, 1), "synthesis": p.synthesis,
+        # the estimators' updates plus the bank: what a faster synthesis has to cut (benchmarks/fast_synthesis.py)
+        "synthesis_seconds": round(history[-1]["compute_seconds"] + time.time() - t0, 2),
         "train_seconds": round(outcome.seconds, 1), "resumed": outcome.resumed,
     }
     return ctx.write_training_outputs(history, metrics, title="reconstruct (estimator objective)")

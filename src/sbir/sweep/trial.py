@@ -53,6 +53,30 @@ class MlflowReportCallback(_UserCallback):  # type: ignore[misc,valid-type]
         self.run.log_metrics({f"{self.stage}/{k}": v for k, v in _numeric(m).items()}, step=_report_step(m, self.count))
 
 
+def stage_keys(stage: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage report as Tune gets it: every key also as ``<stage>/<key>``, the name the trial's final
+    result gives it, so an objective such as ``upper_bound/best_val_mAP@all`` is in every report of a
+    loop that validates as it trains, and ASHA can stop the trial early on it."""
+    return {**metrics, **{f"{stage}/{k}": v for k, v in metrics.items()}}
+
+
+try:
+    from ray.tune.integration.ray_train import TuneReportCallback as _TuneReportCallback
+except Exception:  # pragma: no cover
+    _TuneReportCallback = object  # type: ignore[assignment,misc]
+
+
+class StageTuneReportCallback(_TuneReportCallback):  # type: ignore[misc,valid-type]
+    """Ray Tune's report callback with the stage's name on the keys (see :func:`stage_keys`)."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        super().after_report(run_context, [stage_keys(self.stage, metrics[0]), *metrics[1:]], checkpoint)
+
+
 def run_trial(config: dict[str, Any], spec_json: str, ctx_json: str) -> None:
     """The Tune trial driver: run the spec's stages with this trial's params, then score them."""
     from ray import tune
@@ -140,15 +164,13 @@ def _training_hooks(trial_dir: Path, local: bool, run: Any) -> TrainingHooks:
 
     def on_local_report(stage: str, metrics: dict) -> None:  # local mode: no Train callbacks run
         counters[stage] = counters.get(stage, 0) + 1
-        tune.report(_numeric(metrics))
+        tune.report(stage_keys(stage, _numeric(metrics)))
         if run is not None:
             run.log_metrics({f"{stage}/{k}": v for k, v in _numeric(metrics).items()},
                             step=_report_step(metrics, counters[stage]))
 
     def callbacks(stage: str) -> list:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        return [TuneReportCallback()] + ([MlflowReportCallback(run, stage)] if run is not None else [])
+        return [StageTuneReportCallback(stage)] + ([MlflowReportCallback(run, stage)] if run is not None else [])
 
     return rt.TrainingHooks(storage_root=trial_dir / "ray_results", callbacks=None if local else callbacks,
                             on_local_report=on_local_report if local else None)

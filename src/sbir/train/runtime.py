@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from sbir.config import RayParams
+from sbir.train import shared_ray
 
 COMPLETED_MARKER = "sbir_completed.json"
 PARAMS_MARKER = "sbir_params_hash.txt"
@@ -110,6 +111,10 @@ def ensure_ray(ray_params: RayParams) -> None:
     if ray_params.address:
         ray.init(address=ray_params.address, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"worker_process_setup_hook": "sbir.train.ray_hooks.setup_ray_worker"})
+        return
+    if shared_ray.shared_address():  # the one local instance of a whole `make repro` (sbir.train.shared_ray)
+        ray.init(address=shared_ray.shared_address(), include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"worker_process_setup_hook": "sbir.train.ray_hooks.setup_local_ray_worker"})
         return
     needed = max(1, ray_params.num_workers) * ray_params.cpus_per_worker
     # Give Ray at least as many logical CPUs as the workers ask for: on this 2-core machine asking

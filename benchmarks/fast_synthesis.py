@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Fast synthesis against today's alternation: synthesis time and CrossX-DFL mAP@all over seeds.
+
+    python benchmarks/fast_synthesis.py [--params params.yaml] [--seeds 0 1 2] [--work DIR]
+                                        [--set key=value ...] [--out benchmarks/results/fast_synthesis.json]
+
+For every seed and each ``reconstruct.synthesis`` mode (``alternation``, ``fast``) it runs reconstruct and
+distill (in-process, ``ray.num_workers: 0``, MLflow off) from the pipeline's trained teachers
+(``<outputs_dir>/teacher_pretrain``, linked: run ``make repro`` first), then scores the students on the
+test split as the evaluate stage does (sketch -> photo mAP@all). Synthesis time is what the stages
+report as ``synthesis_seconds``: reconstruct's estimator updates plus its bank, and distill's estimator
+updates plus the fresh pairs it draws each round (student training is not synthesis). Issue #15 asks
+for >= 10x less synthesis time at >= 0.95x the alternation's mAP@all, over 3 seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+MODES = ("alternation", "fast")
+
+
+def crossx_map(params: Path, outputs: Path) -> float:
+    """Test-split sketch -> photo mAP@all of the distilled students (the evaluate stage's embeddings)."""
+    from sbir.config import load_params
+    from sbir.data.datasets import load_image_set
+    from sbir.data.format import open_dataset
+    from sbir.dfsbir.evaluate import method_embeddings
+    from sbir.metrics import category_retrieval_metrics
+
+    root = load_params(params)
+    ds = open_dataset((REPO / root.dataset_dir).resolve())
+    sketches, photos = load_image_set(ds, "sketches", ["test"]), load_image_set(ds, "photos", ["test"])
+    q, g = method_embeddings(sketches, photos, outputs / "teacher_pretrain" / "teachers.pt",
+                             {"m": outputs / "distill" / "students.pt"}, root.evaluate.batch_size)["m"]
+    return float(category_retrieval_metrics(q, sketches.labels, g, photos.labels, ks_map=[], ks_precision=[],
+                                            batch_size=root.evaluate.batch_size)["mAP@all"])
+
+
+def one_run(params: Path, seed: int, mode: str, work: Path, sets: list[str]) -> dict:
+    from sbir.config import load_params
+    from sbir.stage import run_stage
+
+    outputs = work / f"seed{seed}_{mode}" / "outputs"
+    outputs.mkdir(parents=True, exist_ok=True)
+    teachers = (REPO / load_params(params).outputs_dir / "teacher_pretrain").resolve()
+    if not (teachers / "teachers.pt").is_file():
+        raise SystemExit(f"{teachers}/teachers.pt not found: run `make repro` (or the teacher_pretrain stage) first")
+    link = outputs / "teacher_pretrain"
+    if not link.exists():
+        link.symlink_to(teachers)
+    argv = ["--params", str(params), "--no-mlflow", "--set", "ray.num_workers=0", "--set", f"seed={seed}",
+            "--set", f"outputs_dir={outputs}", "--set", f"reconstruct.synthesis={mode}"]
+    for s in sets:
+        argv += ["--set", s]
+    start = time.time()
+    rec = run_stage("reconstruct", argv)
+    dist = run_stage("distill", argv)
+    return {"seed": seed, "mode": mode, "mAP@all": round(crossx_map(params, outputs), 4),
+            "synthesis_seconds": round(rec["synthesis_seconds"] + dist["synthesis_seconds"], 2),
+            "reconstruct_synthesis_seconds": rec["synthesis_seconds"], "distill_synthesis_seconds": dist["synthesis_seconds"],
+            "bank_photo_teacher_acc": rec["bank_photo_teacher_acc"], "bank_sketch_teacher_acc": rec["bank_sketch_teacher_acc"],
+            "stage_seconds": round(time.time() - start, 1)}
+
+
+def stats(values: list[float]) -> dict:
+    return {"mean": round(statistics.mean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0, "values": values}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--work", type=Path, default=REPO / "ray_results/fast_synthesis")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="params override for every run")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/fast_synthesis.json")
+    args = parser.parse_args()
+    runs = []
+    for seed in args.seeds:
+        for mode in args.modes:
+            run = one_run(args.params.resolve(), seed, mode, args.work, args.sets)
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    summary = {m: {k: stats([r[k] for r in runs if r["mode"] == m]) for k in ("mAP@all", "synthesis_seconds")}
+               for m in args.modes}
+    per_seed = {}
+    if set(MODES) <= set(args.modes):
+        for seed in args.seeds:
+            alt, fast = (next(r for r in runs if r["seed"] == seed and r["mode"] == m) for m in MODES)
+            per_seed[seed] = {"time_ratio": round(alt["synthesis_seconds"] / fast["synthesis_seconds"], 2),
+                              "map_ratio": round(fast["mAP@all"] / alt["mAP@all"], 4)}
+    record = {"what": "fast synthesis vs alternation (benchmarks/fast_synthesis.py)", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "params": str(args.params), "overrides": args.sets, "seeds": args.seeds,
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                          "load_average_end": list(os.getloadavg())},
+              "summary": summary, "per_seed": per_seed, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2))
+    print(json.dumps({"summary": summary, "per_seed": per_seed}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
