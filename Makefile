@@ -14,7 +14,8 @@ PIPELINE ?= dvc.yaml
 .PHONY: setup repro test test-all mlflow-ui app sweep clean-outputs help
 
 help:
-	@echo "make repro     - install (once) and run the default pipeline with 'dvc repro dvc.yaml'"
+	@echo "make repro     - install (once) and run the default pipeline with 'dvc repro dvc.yaml' (one Ray"
+	@echo "                 instance for all its stages; DVC_ARGS=--force reruns every stage)"
 	@echo "                 (PIPELINE=pipelines/sketchy-mini/dvc.yaml for a real-data pipeline)"
 	@echo "make test      - install (once) and run the test suite (slow tests excluded; make test-all for all)"
 	@echo "make mlflow-ui - open the MLflow UI on the project's store (http://127.0.0.1:5000)"
@@ -34,7 +35,7 @@ setup: $(STAMP)
 # its own; it stops when dvc does, failed or not.
 repro: $(STAMP)
 	@export PATH="$(CURDIR)/$(BIN):$$PATH"; \
-	eval "$$($(BIN)/python -m sbir.train.shared_ray start)" || exit 1; \
+	head=$$($(BIN)/python -m sbir.train.shared_ray start) || exit 1; eval "$$head"; \
 	trap '$(BIN)/python -m sbir.train.shared_ray stop' EXIT; \
 	$(BIN)/dvc repro $(PIPELINE) $(DVC_ARGS)
 

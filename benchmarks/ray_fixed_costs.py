@@ -12,6 +12,8 @@ per epoch, so compute is nil) through ``sbir.train.runtime.run_training``. Per p
 * ``first_step_seconds``: from ``fit()`` to the loop's first line on a worker (worker start-up);
 * ``fit_seconds``: the whole ``fit()`` (start-up, 3 reports with checkpoints, teardown);
 * ``process_seconds``: the process's wall time, start to exit (``ray.shutdown`` included).
+* ``seconds_per_report``: with ``--report-epochs N``, the extra fit time of N epochs over 3, per extra report
+  (each epoch of the smoke loop is one report with a checkpoint and next to no compute).
 
 Modes: ``own`` (the stage starts its own Ray, today's default), ``joined`` (a head started once with
 ``ray start --head`` that every stage joins: the instance `make repro` keeps for a whole run) and
@@ -54,7 +56,7 @@ def loop(config):
             f.write(str(time.time()))
     regression_loop(config)
 
-outcome = rt.run_training("fixed_cost", loop, {{"epochs": 3}}, params, "digest", resume="never",
+outcome = rt.run_training("fixed_cost", loop, {{"epochs": {epochs}}}, params, "digest", resume="never",
                           storage_root=__import__("pathlib").Path({storage!r}))
 t_fit = time.time()
 ray.shutdown()
@@ -65,9 +67,9 @@ print("RESULT " + json.dumps({{"import_seconds": t_import - t0, "init_seconds": 
 """
 
 
-def one_process(workers: int, env: dict[str, str]) -> dict[str, float]:
+def one_process(workers: int, env: dict[str, str], epochs: int = 3) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        code = CHILD.format(src=str(REPO / "src"), workers=workers,
+        code = CHILD.format(src=str(REPO / "src"), workers=workers, epochs=epochs,
                             marker=os.path.join(tmp, "first_step"), storage=os.path.join(tmp, "ray"))
         start = time.time()
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
@@ -99,6 +101,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
     parser.add_argument("--modes", nargs="+", default=["local", "own", "joined"], choices=["local", "own", "joined"])
+    parser.add_argument("--report-epochs", type=int, default=13,
+                        help="also fit this many epochs (one report + checkpoint each) to price one report")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/ray_fixed_costs.json")
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
@@ -115,6 +119,14 @@ def main() -> None:
                 runs = [one_process(workers, {**env, **joined}) for _ in range(args.repeats)]
                 results[key] = summarise(runs)
                 print(key, {k: v["mean"] for k, v in results[key].items()}, flush=True)
+                if args.report_epochs > 3:  # the smoke loop's epochs cost nothing: the difference is the reports
+                    longer = [one_process(workers, {**env, **joined}, args.report_epochs) for _ in range(args.repeats)]
+                    extra = [b["fit_seconds"] - b["first_step_seconds"] - (a["fit_seconds"] - a["first_step_seconds"])
+                             for a, b in zip(runs, longer)]
+                    results[key]["seconds_per_report"] = {
+                        "mean": round(statistics.mean(extra) / (args.report_epochs - 3), 3),
+                        "values": [round(e / (args.report_epochs - 3), 3) for e in extra]}
+                    print(key, "seconds per report + checkpoint:", results[key]["seconds_per_report"]["mean"], flush=True)
         finally:
             if joined:
                 from sbir.train import shared_ray

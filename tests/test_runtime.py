@@ -21,6 +21,11 @@ def test_two_ray_workers_train_checkpoint_and_log_to_mlflow(tmp_path):
     x, y, _ = make_data()
     assert torch.nn.functional.mse_loss(model(x), y) < 0.05
     assert list((tmp_path / "smoke").glob("checkpoint_*"))
+    # where the fit's time went, as stage_metrics.json records it: the parts add up to the fit
+    split = rt.TRAINING_LOG[-1]["time_split"]
+    assert split["num_reports"] == 3 and min(split["start_up"], split["compute"], split["reports"], split["teardown"]) >= 0
+    parts = split["start_up"] + split["compute"] + split["reports"] + split["teardown"]
+    assert parts == pytest.approx(out.seconds, abs=0.1)
     # the MLflow run is in the store with per-epoch metrics, params and tags
     runs = tracking.find_runs("test-runtime", "smoke")
     assert runs and runs[0].info.status == "FINISHED"

@@ -83,23 +83,17 @@ def ray_results_dir(storage_path: str | None = None) -> Path:
 
 def ray_environment(ray_params: RayParams) -> None:
     """Environment variables of the Ray instance the stage starts, set before Ray is imported (Ray reads
-    some of them at import) and inherited by its processes."""
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # Ray Train V2 turns a worker's print() into a log record on the worker's stderr; with the patch off a
-    # print stays on stdout, which the stage sends to its log file, and stderr (the console) keeps warnings
-    # and errors.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    some of them at import) and inherited by its processes (``shared_ray.RAY_ENV`` and, for an instance on
+    this machine, ``shared_ray.LOCAL_RAY_ENV``: why each is set is said there)."""
+    for key, value in shared_ray.RAY_ENV.items():
+        os.environ.setdefault(key, value)
     if ray_params.address:
         return
-    # A local instance lives and dies with this stage process, on one node: no node is ever drained, so Ray
-    # Train's preemption watcher (an actor per fit that polls for node drains, and whose start logs a
-    # core_worker error line about its own restart policy) has nothing to watch.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Token authentication stays on (Ray's default for a new local instance) but is set explicitly, which
-    # silences the warning Ray logs when the mode is implicit. Only before Ray's import: set later, the
-    # driver's cached config would not send the token the new instance expects.
-    if "ray" not in sys.modules:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    for key, value in shared_ray.LOCAL_RAY_ENV.items():
+        # the auth mode only before Ray's import: set later, the driver's cached config would not send the
+        # token the new instance expects
+        if key != "RAY_AUTH_MODE" or "ray" not in sys.modules:
+            os.environ.setdefault(key, value)
 
 
 def ensure_ray(ray_params: RayParams) -> None:
@@ -113,8 +107,10 @@ def ensure_ray(ray_params: RayParams) -> None:
                  runtime_env={"worker_process_setup_hook": "sbir.train.ray_hooks.setup_ray_worker"})
         return
     if shared_ray.shared_address():  # the one local instance of a whole `make repro` (sbir.train.shared_ray)
-        ray.init(address=shared_ray.shared_address(), include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"worker_process_setup_hook": "sbir.train.ray_hooks.setup_local_ray_worker"})
+        context = ray.init(address=shared_ray.shared_address(), include_dashboard=False, logging_level="WARNING",
+                           runtime_env={"worker_process_setup_hook": "sbir.train.ray_hooks.setup_local_ray_worker"})
+        logging.getLogger(__name__).info("joined the shared Ray instance %s (its logs: %s)",
+                                         shared_ray.shared_address(), context.address_info.get("session_dir"))
         return
     needed = max(1, ray_params.num_workers) * ray_params.cpus_per_worker
     # Give Ray at least as many logical CPUs as the workers ask for: on this 2-core machine asking
@@ -295,7 +291,8 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
     config["_runtime"] = {"torch_threads": ray_params.torch_threads_per_worker, "stage": stage,
                           "local_dir": str(run_dir) if ray_params.num_workers == 0 else None,
                           "run_dir": str(run_dir), "mlflow_run": mlflow_run}
-    trainer = _trainer(stage, loop, config, ray_params, storage, hooks)
+    trainer = _trainer(stage, _Timed(loop), config, ray_params, storage, hooks)
+    (run_dir / LOOP_TIMES_FILE).unlink(missing_ok=True)
     start = time.time()
     last_local: dict[str, Any] = {}
     if ray_params.num_workers == 0 and hooks.on_local_report is not None:
@@ -325,6 +322,7 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
     (run_dir / COMPLETED_MARKER).write_text(json.dumps({"seconds": seconds}))
     TRAINING_LOG.append({"stage": stage, "resumed": resumed, "resumed_from": resumed_from,
                          "train_seconds": round(seconds, 2), "num_workers": ray_params.num_workers,
+                         "time_split": time_split(run_dir, start, start + seconds),
                          "worker_nodes": worker_nodes(run_dir), "restores": restores(run_dir)})
     return TrainingOutcome(metrics=dict(result.metrics or last_local), state=state, run_dir=run_dir, resumed=resumed,
                            seconds=seconds, resumed_from=resumed_from)
@@ -365,7 +363,45 @@ def _trainer(stage: str, loop: Callable[[dict], None], config: dict[str, Any], r
     )
 
 
+LOOP_TIMES_FILE = "sbir_loop_times.json"
+
+
+def time_split(run_dir: Path, fit_start: float, fit_end: float) -> dict[str, float] | None:
+    """Where a fit's time went (rank 0's view, written by :class:`_Timed`): ``start_up`` (fit() to the loop's
+    first line: worker processes, imports, process group), ``compute`` (the loop minus its reports),
+    ``reports`` (inside :func:`report`: metrics, the barrier, checkpoints) and ``teardown`` (the loop's end to
+    fit()'s return). None if the loop never finished on rank 0 in this run folder."""
+    path = run_dir / LOOP_TIMES_FILE
+    if not path.is_file():
+        return None
+    t = json.loads(path.read_text())
+    loop = t["end"] - t["start"]
+    return {"start_up": round(t["start"] - fit_start, 2), "compute": round(loop - t["report_seconds"], 2),
+            "reports": round(t["report_seconds"], 2), "num_reports": t["num_reports"],
+            "teardown": round(fit_end - t["end"], 2)}
+
+
+class _Timed:
+    """The loop as the trainer runs it: rank 0 notes when it started and ended and its time in reports. A
+    module-level class (pickled by reference), so the counters it reads are this module's, not a copy's."""
+
+    def __init__(self, loop: Callable[[dict], None]) -> None:
+        self.loop = loop
+        functools.update_wrapper(self, loop)
+
+    def __call__(self, config: dict) -> None:
+        global _REPORT_SECONDS, _NUM_REPORTS
+        _REPORT_SECONDS, _NUM_REPORTS = 0.0, 0
+        started = time.time()
+        self.loop(config)
+        if is_rank0():
+            Path(config["_runtime"]["run_dir"], LOOP_TIMES_FILE).write_text(json.dumps(
+                {"start": started, "end": time.time(), "report_seconds": _REPORT_SECONDS, "num_reports": _NUM_REPORTS}))
+
+
 # ------------------------------------------------------------------------------------ worker side
+_REPORT_SECONDS = 0.0  # this worker's time inside report() during the current loop (see _Timed)
+_NUM_REPORTS = 0
 # Ray Train's local mode (num_workers=0) keeps a reported checkpoint only as a reference to its folder,
 # so the runtime keeps local-mode checkpoints itself, in the run folder (checkpoint_local_<n>).
 _LOCAL_DIR: Path | None = None
@@ -555,6 +591,16 @@ def check_finite(losses: Mapping[str, torch.Tensor | float], step: int, stage: s
 def report(metrics: Mapping[str, float], state: Mapping[str, Any] | None = None) -> None:
     """Report metrics (a barrier across workers) and, from rank 0, a checkpoint holding ``state``; rank 0
     also logs the metrics to the stage's MLflow run at the report's position (epoch/step/round)."""
+    global _REPORT_SECONDS, _NUM_REPORTS
+    started = time.time()
+    try:
+        _report(metrics, state)
+    finally:
+        _REPORT_SECONDS += time.time() - started
+        _NUM_REPORTS += 1
+
+
+def _report(metrics: Mapping[str, float], state: Mapping[str, Any] | None) -> None:
     import ray.train
 
     if _MLFLOW_RUN is not None and is_rank0():

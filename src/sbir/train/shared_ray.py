@@ -1,19 +1,18 @@
 """One Ray instance for a whole `dvc repro`: started once, joined by every training stage, stopped at the end.
 
-A stage that starts its own Ray pays for it every time (a new GCS, raylet and worker pool: 8-12 s here,
-then a cold worker pool for its first fit). ``make repro`` instead runs::
+A stage that starts its own Ray pays for it every time (a new GCS, raylet and Ray's helper processes;
+``benchmarks/ray_fixed_costs.py`` measures what a stage saves by joining instead). ``make repro`` runs::
 
-    addr=$(python -m sbir.train.shared_ray start)   # prints the address
-    SBIR_RAY_ADDRESS=$addr dvc repro ...
-    python -m sbir.train.shared_ray stop
+    eval "$(python -m sbir.train.shared_ray start)"   # exports SBIR_RAY_ADDRESS and the head's token path
+    dvc repro ...
+    python -m sbir.train.shared_ray stop              # (a shell trap: also when dvc fails)
 
-and each stage, whose ``ray.address`` is null, joins ``$SBIR_RAY_ADDRESS`` (see
-:func:`sbir.train.runtime.ensure_ray`) as it would its own local instance. ``ray.address`` in params (a
-real cluster) still wins. The head binds to 127.0.0.1 and gets the same environment a stage gives its own
-instance (``runtime.ray_environment``), because Ray's helper processes inherit the head's environment,
-not the joining stage's.
-
-Without ``make`` (a bare ``dvc repro``) nothing changes: every stage starts its own instance.
+and each stage whose ``ray.address`` is null joins ``$SBIR_RAY_ADDRESS`` (see
+:func:`sbir.train.runtime.ensure_ray`) as it would its own local instance; ``ray.address`` in params (a
+real cluster) still wins. The head is started with ``--node-ip-address 127.0.0.1``, a token of its own
+(Ray's token authentication, a fresh token per head in a folder only this user can read) and the
+environment a stage gives its own instance. Without ``make`` (a bare ``dvc repro``) nothing changes:
+every stage starts its own instance.
 """
 from __future__ import annotations
 
@@ -47,14 +46,32 @@ def _ray_cli() -> str:
     return str(here) if here.exists() else (shutil.which("ray") or "ray")
 
 
+# Every Ray instance the stages use (see runtime.ray_environment, which sets them for a stage's own instance).
+RAY_ENV = {
+    "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray Train V2 turns a worker's print() into a log record on the worker's stderr; with the patch off a
+    # print stays on stdout, which the stage sends to its log file, and stderr (the console) keeps warnings
+    # and errors.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+# An instance on this machine only (a stage's own, or the shared head of one `make repro`).
+LOCAL_RAY_ENV = {
+    # It lives on one node that is never drained, so Ray Train's preemption watcher (an actor per fit that
+    # polls for node drains, and whose start logs a core_worker error line about its own restart policy)
+    # has nothing to watch.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Token authentication stays on (Ray's default for a new local instance) but is set explicitly, which
+    # silences the warning Ray logs when the mode is implicit.
+    "RAY_AUTH_MODE": "token",
+}
+
+
 def head_environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The head's environment: what ``runtime.ray_environment`` sets for a stage's own local instance."""
+    """The shared head's environment: what a stage sets for its own local instance. Ray's helper processes
+    (Train controller, cleaner) inherit the head's environment, not the joining stage's."""
     env = dict(os.environ if base is None else base)
-    env.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    env.setdefault("RAY_AUTH_MODE", "token")
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for key, value in {**RAY_ENV, **LOCAL_RAY_ENV, "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        env.setdefault(key, value)
     return env
 
 
