@@ -92,12 +92,17 @@ def main() -> None:
             run = one_run(args.params.resolve(), seed, mode, args.work, args.sets)
             runs.append(run)
             print(json.dumps(run), flush=True)
+            write(args, runs)  # after every run: an interrupted benchmark keeps what it measured
+
+
+def write(args: argparse.Namespace, runs: list[dict]) -> None:
     summary = {m: {k: stats([r[k] for r in runs if r["mode"] == m]) for k in ("mAP@all", "synthesis_seconds")}
-               for m in args.modes}
+               for m in args.modes if any(r["mode"] == m for r in runs)}
     per_seed = {}
-    if set(MODES) <= set(args.modes):
-        for seed in args.seeds:
-            alt, fast = (next(r for r in runs if r["seed"] == seed and r["mode"] == m) for m in MODES)
+    for seed in args.seeds:
+        pair = [next((r for r in runs if r["seed"] == seed and r["mode"] == m), None) for m in MODES]
+        if all(pair):
+            alt, fast = pair
             per_seed[seed] = {"time_ratio": round(alt["synthesis_seconds"] / fast["synthesis_seconds"], 2),
                               "map_ratio": round(fast["mAP@all"] / alt["mAP@all"], 4)}
     record = {"what": "fast synthesis vs alternation (benchmarks/fast_synthesis.py)", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -107,7 +112,6 @@ def main() -> None:
               "summary": summary, "per_seed": per_seed, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
-    print(json.dumps({"summary": summary, "per_seed": per_seed}, indent=1))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", type=Path, default=REPO / "pipelines/sweeps/upper_bound_lr.yaml")
     parser.add_argument("--repeats", type=int, default=1, help="pairs of sweeps (pruned, then unpruned)")
+    parser.add_argument("--arms", nargs="+", default=["pruned", "unpruned"], choices=["pruned", "unpruned"],
+                        help="run only these; the other arm's runs are kept from --out")
     parser.add_argument("--work", type=Path, default=REPO / "ray_results/sweeps/pruning_benchmark")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/sweep_pruning.json")
     args = parser.parse_args()
@@ -62,11 +64,13 @@ def main() -> None:
     root = load_params(repo_path(spec.params), spec.base_overrides)
     rt.ray_environment(root.ray)
     rt.ensure_ray(root.ray.model_copy(update={"num_workers": max(1, root.ray.num_workers)}))  # before any clock
-    runs = []
+    kept = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
+    runs = [r for r in kept if ("pruned" if r["pruning"] else "unpruned") not in args.arms]
     for r in range(args.repeats):
-        for pruning in (True, False):
+        for pruning in [arm == "pruned" for arm in args.arms]:
             run = one_sweep(args.spec, pruning, args.work / f"{'pruned' if pruning else 'unpruned'}_{r}")
             runs.append(run)
+            run["date"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             print(f"repeat {r} pruning={pruning}: {run['wall_seconds']} s, best {run['best_objective']}, "
                   f"{run['num_completed']} completed, {run['num_pruned']} pruned", flush=True)
     pruned = [r for r in runs if r["pruning"]]
