@@ -158,15 +158,15 @@ def check_remote_round_trip(root: Path, remote: Path, clone: Path, env: dict) ->
 def test_dvc_repro_tiny_pipeline(tmp_path, mlflow_server):
     root = make_tiny_repo(tmp_path / "repo")
     env = {**_env(root), "SBIR_MLFLOW_URI": mlflow_server}  # the server, not _env's SBIR_MLFLOW_DIR
-    head = shared_ray.start()  # as `make repro` runs it: one Ray instance that every training stage joins
+    # inside a shared head, as `make repro` runs it (the tiny stages run in local mode, so none joins it here;
+    # tests/test_runtime.py checks that a stage with Ray workers does)
+    head = shared_ray.start()
     try:
         proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=root, env={**env, **head}, capture_output=True,
                               text=True, timeout=900)
     finally:
         shared_ray.stop(head)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for stage in ("teacher_pretrain", "fgsbir_joint"):
-        assert "joined the shared Ray instance" in (root / f"logs/embedded-default/{stage}.log").read_text()
     head_folder = str(Path(head[shared_ray.TOKEN_ENV]).parent)
     assert not Path(head_folder).exists()  # stopped: its folder (token, session) is gone, and so is every process
     assert not shared_ray._process_groups_naming(head_folder)

@@ -62,3 +62,43 @@ def test_non_finite_loss_names_term_and_step():
 def test_shard_indices_cover_epoch_once_per_rank():
     seen = torch.cat(list(rt.shard_indices(100, 10, epoch=0, seed=1)))
     assert len(seen) == 100 and len(set(seen.tolist())) == 100
+
+
+JOIN_CHILD = """
+import json, ray
+from sbir.config import RayParams
+from sbir.train import runtime as rt
+from sbir.train.smoke import regression_loop
+from pathlib import Path
+params = RayParams(num_workers=1)
+rt.ray_environment(params)
+out = rt.run_training("smoke_joined", regression_loop, {"epochs": 1}, params, "d", storage_root=Path(%r))
+print("RESULT", json.dumps({"gcs": ray.get_runtime_context().gcs_address, "world_size": out.metrics["world_size"]}))
+"""
+
+
+def test_a_stage_joins_the_shared_head_and_stop_ends_it(tmp_path):
+    """What `make repro` does: one head (sbir.train.shared_ray), a stage process with Ray workers joins it
+    through $SBIR_RAY_ADDRESS instead of starting its own Ray, and stop() ends the head's every process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sbir.train import shared_ray
+
+    head = shared_ray.start()
+    folder = Path(head[shared_ray.TOKEN_ENV]).parent
+    try:
+        assert oct(Path(head[shared_ray.TOKEN_ENV]).stat().st_mode & 0o777) == "0o600"
+        proc = subprocess.run([sys.executable, "-c", JOIN_CHILD % str(tmp_path)], capture_output=True, text=True,
+                              env={**os.environ, **head}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+        assert result["world_size"] == 1
+        assert result["gcs"].endswith(":" + head[shared_ray.ADDRESS_ENV].rsplit(":", 1)[1])  # the head's port
+    finally:
+        shared_ray.stop(head)
+    assert not folder.exists() and not shared_ray._process_groups_naming(str(folder))
+

@@ -395,8 +395,11 @@ class _Timed:
         started = time.time()
         self.loop(config)
         if is_rank0():
-            Path(config["_runtime"]["run_dir"], LOOP_TIMES_FILE).write_text(json.dumps(
-                {"start": started, "end": time.time(), "report_seconds": _REPORT_SECONDS, "num_reports": _NUM_REPORTS}))
+            times = {"start": started, "end": time.time(), "report_seconds": _REPORT_SECONDS, "num_reports": _NUM_REPORTS}
+            try:  # diagnostics only: a run folder this node cannot write (a cluster without shared storage) skips it
+                Path(config["_runtime"]["run_dir"], LOOP_TIMES_FILE).write_text(json.dumps(times))
+            except OSError:
+                pass
 
 
 # ------------------------------------------------------------------------------------ worker side
