@@ -274,5 +274,5 @@ def run_distill(ctx) -> dict[str, Any]:
                "seconds_per_round": round(history[-1]["seconds_per_round"], 4),
                "rounds": state["round"] + 1, "train_seconds": round(outcome.seconds, 1), "resumed": outcome.resumed,
                # estimator updates and fresh pairs of this run (a resumed run: since its restart)
-               "synthesis_seconds": round(history[-1]["synthesis_seconds"], 2)}
+               "synthesis_seconds": round(history[-1]["synthesis_seconds"], 4)}
     return ctx.write_training_outputs(history, metrics, title=f"{ctx.stage} losses")
