@@ -14,8 +14,8 @@ PIPELINE ?= dvc.yaml
 .PHONY: setup repro test test-all mlflow-ui app sweep clean-outputs help
 
 help:
-	@echo "make repro     - install (once) and run the default pipeline with 'dvc repro dvc.yaml' (one Ray"
-	@echo "                 instance for all its stages; DVC_ARGS=--force reruns every stage)"
+	@echo "make repro     - install (once) and run the default pipeline with 'dvc repro dvc.yaml' (with Ray"
+	@echo "                 workers in the params, one Ray instance for all its stages; DVC_ARGS=--force reruns every stage)"
 	@echo "                 (PIPELINE=pipelines/sketchy-mini/dvc.yaml for a real-data pipeline)"
 	@echo "make test      - install (once) and run the test suite (slow tests excluded; make test-all for all)"
 	@echo "make mlflow-ui - open the MLflow UI on the project's store (http://127.0.0.1:5000)"
@@ -32,10 +32,11 @@ $(STAMP):
 setup: $(STAMP)
 
 # One Ray instance for the whole run (sbir.train.shared_ray): every training stage joins it instead of starting
-# its own; it stops when dvc does, failed or not.
+# its own; it stops when dvc does, failed or not. None when the params run the stages in Ray Train's local
+# mode (ray.num_workers: 0, the default on a 2-core machine) or on a cluster (ray.address).
 repro: $(STAMP)
 	@export PATH="$(CURDIR)/$(BIN):$$PATH"; \
-	head=$$($(BIN)/python -m sbir.train.shared_ray start) || exit 1; eval "$$head"; \
+	head=$$($(BIN)/python -m sbir.train.shared_ray start --params $(dir $(PIPELINE))params.yaml) || exit 1; eval "$$head"; \
 	trap '$(BIN)/python -m sbir.train.shared_ray stop' EXIT; \
 	$(BIN)/dvc repro $(PIPELINE) $(DVC_ARGS)
 

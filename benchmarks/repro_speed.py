@@ -4,12 +4,12 @@
     python benchmarks/repro_speed.py --label after [--command "make repro DVC_ARGS=--force"]
     python benchmarks/repro_speed.py --label before --root DIR --replay console.txt --memory mem.txt --wall S
 
-Runs ``--command`` (default: ``make repro DVC_ARGS=--force``, i.e. every stage from a clean start, with the
-one Ray instance ``make`` keeps for the run) in this checkout under a 160x50 pseudo-terminal, as a user
+Runs ``--command`` (default: ``make repro DVC_ARGS=--force``, i.e. every stage from a clean start; with Ray
+workers in the params, one Ray instance that ``make`` keeps for the run) in this checkout under a 160x50 pseudo-terminal, as a user
 would, while a thread samples the machine's used memory (MemTotal - MemAvailable) every 2 s. Or, with
 ``--replay``, it reads a run made by hand (its console text, e.g. from ``script``, its memory samples as
 "<epoch seconds> <MiB>" lines, and its wall time). Then, from ``<root>/outputs/<stage>/`` it collects per
-stage: the wall time (``resources.json``), the fit time and where it went (``stage_metrics.json``:
+stage: the wall time, the fit time and where it went (``resources.json``:
 ``trainings[].time_split``: start-up, compute, reports, teardown, when the run recorded it), and the peak
 of the machine's used memory while the stage ran. The console is counted as benchmarks/console_lines.py
 counts it (lines outside progress bars). Stored under ``runs[<label>]`` of the JSON file, so a "before"
@@ -69,7 +69,7 @@ def stage_rows(root: Path, samples: list[tuple[float, float]]) -> list[dict[str,
         res = json.loads((folder / "resources.json").read_text()) if (folder / "resources.json").is_file() else {}
         sm = json.loads((folder / "stage_metrics.json").read_text()) if (folder / "stage_metrics.json").is_file() else {}
         row: dict[str, Any] = {"stage": stage, "wall_seconds": res.get("wall_seconds", sm.get("stage_seconds"))}
-        trainings = sm.get("trainings") or []
+        trainings = res.get("trainings") or []  # every Ray Train fit of the stage, with its time split
         if trainings:
             row["fit_seconds"] = round(sum(t.get("train_seconds") or 0 for t in trainings), 2)
             splits = [t["time_split"] for t in trainings if t.get("time_split")]

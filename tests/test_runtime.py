@@ -1,4 +1,6 @@
 """The Ray Train + MLflow plumbing with a real (tiny) training loop."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -6,6 +8,8 @@ from sbir import tracking
 from sbir.config import RayParams
 from sbir.train import runtime as rt
 from sbir.train.smoke import make_data, regression_loop
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def test_two_ray_workers_train_checkpoint_and_log_to_mlflow(tmp_path):
@@ -102,3 +106,23 @@ def test_a_stage_joins_the_shared_head_and_stop_ends_it(tmp_path):
         shared_ray.stop(head)
     assert not folder.exists() and not shared_ray._process_groups_naming(str(folder))
 
+
+
+def test_make_repro_starts_a_head_only_when_a_stage_would_join_it(tmp_path, capsys):
+    """`shared_ray start --params FILE` (the Makefile's call) starts nothing and prints nothing for params
+    whose stages run in local mode (the default) or on a cluster: there a head would only cost its start."""
+    import yaml
+
+    from sbir.train import shared_ray
+
+    def params(ray: dict) -> Path:
+        path = tmp_path / f"params_{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(yaml.safe_dump({"seed": 0, "ray": ray}))
+        return path
+
+    assert not shared_ray.needs_head(params({"num_workers": 0}))
+    assert not shared_ray.needs_head(params({"num_workers": 2, "address": "10.0.0.1:6379"}))
+    assert shared_ray.needs_head(params({"num_workers": 2}))
+    assert not shared_ray.needs_head(REPO_PARAMS)  # the default pipeline: local mode
+    shared_ray.main(["start", "--params", str(params({"num_workers": 0}))])
+    assert capsys.readouterr().out == ""

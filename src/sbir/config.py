@@ -27,12 +27,14 @@ class Params(BaseModel):
 
 
 class RayParams(Params):
-    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0 runs the loop in-process (local mode)")
+    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs the loop in-process (Ray Train's local "
+                                                  "mode: no worker start-up, the default on a small machine)")
     use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(1, ge=-1, description="worker-group restarts before the stage fails (-1: unbounded)")
     checkpoints_to_keep: int = Field(2, ge=1)
-    torch_threads_per_worker: int = Field(1, ge=1)
+    torch_threads_per_worker: int = Field(2, ge=1, description="torch threads of each worker (local mode: of the "
+                                                                "stage's process)")
     address: str | None = Field(None, description="Ray cluster address; null starts a local Ray")
     storage_path: str | None = Field(None, description="Ray results and checkpoints (<storage_path>/<pipeline>/"
                                                         "<stage>); on a cluster a folder every node mounts, so a "

@@ -146,6 +146,18 @@ def _alive(groups: set[int]) -> bool:
     return False
 
 
+def needs_head(params_path: Path) -> bool:
+    """Whether a pipeline with these params has a stage that would join the head: not when every training
+    stage runs in Ray Train's local mode (``ray.num_workers: 0``: no ``ray.init``) or on a cluster
+    (``ray.address`` set: the stages join that instead)."""
+    import yaml
+
+    from sbir.config import RayParams
+
+    ray = RayParams(**(yaml.safe_load(params_path.read_text()) or {}).get("ray", {}))
+    return ray.num_workers > 0 and not ray.address
+
+
 def shared_address() -> str | None:
     """The shared instance a stage should join, if ``make repro`` started one."""
     return os.environ.get(ADDRESS_ENV) or None
@@ -157,7 +169,12 @@ def main(argv: list[str] | None = None) -> None:
                                                  f"of one `dvc repro` join through ${ADDRESS_ENV}.")
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the head (default: all cores)")
+    parser.add_argument("--params", type=Path, default=None,
+                        help="start: the pipeline's params file; start nothing (print nothing) when its stages run "
+                             "in local mode (ray.num_workers: 0) or on a cluster (ray.address)")
     args = parser.parse_args(argv)
+    if args.action == "start" and args.params is not None and not needs_head(args.params):
+        return
     if args.action == "start":  # shell lines for `eval` (the Makefile)
         print(" ".join(f"export {k}={shlex.quote(v)};" for k, v in start(args.num_cpus).items()))
     else:
