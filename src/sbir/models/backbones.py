@@ -150,9 +150,13 @@ class Classifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalise(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features(x))
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from :meth:`features` (unknown classes masked)."""
+        logits = self.head(features)
         return logits if bool(self.known.all()) else logits.masked_fill(~self.known, UNKNOWN_CLASS_LOGIT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(x))
 
 
 class Encoder(nn.Module):
@@ -179,8 +183,15 @@ class Encoder(nn.Module):
         """True for a pretrained backbone: data statistics must not replace the ones its weights expect."""
         return self.normalise.fixed
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalise(x))
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The embedding of :meth:`features` (projection head, L2 normalisation)."""
+        return F.normalize(self.project(features), dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.project(self.backbone(self.normalise(x))), dim=-1)
+        return self.embed_features(self.features(x))
 
 
 class EncoderPair(nn.Module):
