@@ -190,6 +190,9 @@ class ReconstructedPairs:
         """Fresh pairs (added to the bank) and replayed ones; labels are the teachers' predictions."""
         t0 = time.time()
         n_replay = int(round(self.p.batch_size * self.p.replay_fraction))
+        if n_replay == self.p.batch_size:  # replay_fraction 1: students learn from the bank alone, no synthesis
+            replay = self.bank.sample(n_replay, gen)
+            return self.dev.to(to_float(replay["photo"])), self.dev.to(to_float(replay["sketch"]))
         source = self.adapted if self.adapted is not None else self.estimators
         source.eval()
         z, y = source.sample_inputs(self.p.batch_size - n_replay, gen, self.device)
