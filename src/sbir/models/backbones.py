@@ -150,13 +150,9 @@ class Classifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalise(x))
 
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits from :meth:`features` (unknown classes masked)."""
-        logits = self.head(features)
-        return logits if bool(self.known.all()) else logits.masked_fill(~self.known, UNKNOWN_CLASS_LOGIT)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x))
+        logits = self.head(self.features(x))
+        return logits if bool(self.known.all()) else logits.masked_fill(~self.known, UNKNOWN_CLASS_LOGIT)
 
 
 class Encoder(nn.Module):
@@ -183,15 +179,8 @@ class Encoder(nn.Module):
         """True for a pretrained backbone: data statistics must not replace the ones its weights expect."""
         return self.normalise.fixed
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalise(x))
-
-    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
-        """The embedding of :meth:`features` (projection head, L2 normalisation)."""
-        return F.normalize(self.project(features), dim=-1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed_features(self.features(x))
+        return F.normalize(self.project(self.backbone(self.normalise(x))), dim=-1)
 
 
 class EncoderPair(nn.Module):
