@@ -134,3 +134,49 @@ def test_sample_bank_ring_buffer_keeps_newest():
     assert sorted(bank.data["photo_teacher_label"].tolist()) == [2, 3, 4, 5, 6]
     s = bank.sample(10, torch.Generator().manual_seed(0))
     assert set(s["sketch_teacher_label"].tolist()) <= {2, 3, 4, 5, 6}
+
+
+def test_students_on_the_teachers_frozen_backbones_share_one_backbone_pass():
+    """The default students (teacher backbones, frozen, plus a trained head): the shared pass gives the same
+    losses and the same head gradients as running students and teachers apart; trainable backbones or
+    different weights never take it."""
+    from sbir.config import DistillParams
+    from sbir.dfsbir.distill import build_proxies, shares_frozen_backbones, student_losses, weighted_total
+    from sbir.models.checkpoints import build_students
+
+    torch.manual_seed(0)
+    bb = BackboneParams(width=8, depth=3)
+    tp = TeacherParams(backbone=bb, modality_backbone=BackboneParams(width=4, depth=2), photo_classes=[0, 1, 2])
+    teachers = TeacherSet(tp, C)  # a photo teacher that never saw class 3: its logit is masked either way
+    for m in teachers.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    teachers.eval().requires_grad_(False)
+    p = DistillParams.model_validate({"student": {"backbone": bb.model_dump(), "embed_dim": 8, "head": "mlp",
+                                                  "init_from_teacher": True, "backbone_lr_scale": 0.0,
+                                                  "freeze_bn_stats": True}})
+    students = build_students(p.student, teachers, {"backbone": bb.model_dump()})
+    students.eval()
+    for q in students.photo_encoder.backbone.parameters():
+        q.requires_grad_(False)
+    for q in students.sketch_encoder.backbone.parameters():
+        q.requires_grad_(False)
+    proxies = build_proxies(p, teachers, C, seed=0)
+    assert shares_frozen_backbones(students, teachers, p)
+    x_p, x_s = torch.rand(6, 3, 16, 16), torch.rand(6, 3, 16, 16)
+    results = []
+    for shared in (False, True):
+        students.zero_grad()
+        terms = student_losses(students, proxies, teachers, x_p, x_s, p, shared_backbones=shared)
+        weighted_total(terms, p).backward()
+        results.append(({k: v.detach() for k, v in terms.items()},
+                        [q.grad.clone() for q in students.photo_encoder.project.parameters()]))
+    (plain, g_plain), (fast, g_fast) = results
+    assert plain.keys() == fast.keys() and all(torch.allclose(plain[k], fast[k], atol=1e-6) for k in plain)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_plain, g_fast))
+    trainable = p.model_copy(update={"student": p.student.model_copy(update={"backbone_lr_scale": 0.1})})
+    assert not shares_frozen_backbones(students, teachers, trainable)
+    with torch.no_grad():
+        next(students.sketch_encoder.backbone.parameters()).add_(0.01)
+    assert not shares_frozen_backbones(students, teachers, p)

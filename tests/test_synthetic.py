@@ -51,6 +51,14 @@ def test_same_seed_is_byte_identical(tiny):
     assert _fingerprint(other) != _fingerprint(tiny)[: len(_fingerprint(other))]
 
 
+def test_classes_rendered_in_parallel_processes_are_byte_identical(tiny):
+    """prepare renders the classes in worker processes: same records, same order, same bytes."""
+    parallel = generate(SyntheticConfig(seed=3, num_classes=len(CLASS_NAMES), **TINY), workers=2)
+    assert _fingerprint(parallel) == _fingerprint(tiny)
+    assert [p.id for p in parallel.photos] == [p.id for p in tiny.photos]
+    assert [s.id for s in parallel.sketches] == [s.id for s in tiny.sketches]
+
+
 def test_changing_counts_keeps_other_instances():
     base = generate(SyntheticConfig(seed=1, num_classes=3, train_instances_per_class=3, test_instances_per_class=1))
     more = generate(SyntheticConfig(seed=1, num_classes=4, train_instances_per_class=3, test_instances_per_class=2))

@@ -985,40 +985,59 @@ def _class_key(name: str) -> int:
 _SPLIT_CODE = {"train": 1, "test": 2}
 
 
-def generate(cfg: SyntheticConfig | None = None) -> SyntheticDataset:
-    """Generate the dataset for ``cfg`` (deterministic: same config, identical arrays)."""
+def generate(cfg: SyntheticConfig | None = None, workers: int = 1) -> SyntheticDataset:
+    """Generate the dataset for ``cfg`` (deterministic: same config, identical arrays). Every class draws
+    from its own RNG streams, so ``workers`` > 1 renders classes in parallel processes with the same result."""
     cfg = cfg or SyntheticConfig()
     names = list(CLASS_NAMES[: cfg.num_classes])
+    jobs = [(cfg, label, name) for label, name in enumerate(names)]
+    if workers > 1 and len(jobs) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        # spawn, not fork: the caller may hold torch/Ray threads, which a forked child must not inherit
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            per_class = list(pool.map(_generate_class, jobs))
+    else:
+        per_class = [_generate_class(job) for job in jobs]
+    photos = [ph for class_photos, _ in per_class for ph in class_photos]
+    sketches = [sk for _, class_sketches in per_class for sk in class_sketches]
+    return SyntheticDataset(class_names=names, photos=photos, sketches=sketches, config=cfg)
+
+
+def _generate_class(job: tuple[SyntheticConfig, int, str]) -> tuple[list[PhotoRecord], list[SketchRecord]]:
+    """One class's photos and sketches, from the class's own RNG streams (seed, class, split, index)."""
+    cfg, label, name = job
+    key = _class_key(name)
+    class_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, key, 0]))
+    n_train = cfg.train_instances_per_class
+    n_lab = int(round(cfg.labelled_share * n_train))
+    labelled = np.zeros(n_train, dtype=bool)
+    labelled[class_rng.permutation(n_train)[:n_lab]] = True
     photos: list[PhotoRecord] = []
     sketches: list[SketchRecord] = []
-    for label, name in enumerate(names):
-        key = _class_key(name)
-        class_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, key, 0]))
-        n_train = cfg.train_instances_per_class
-        n_lab = int(round(cfg.labelled_share * n_train))
-        labelled = np.zeros(n_train, dtype=bool)
-        labelled[class_rng.permutation(n_train)[:n_lab]] = True
-        class_sketches: list[tuple[str | None, str, str, np.ndarray]] = []
-        for split, count in (("train", n_train), ("test", cfg.test_instances_per_class)):
-            for idx in range(count):
-                ss = np.random.SeedSequence([cfg.seed, key, _SPLIT_CODE[split], idx])
-                g_rng, p_rng, s_rng = (np.random.default_rng(c) for c in ss.spawn(3))
-                parts = instance_geometry(name, g_rng)
-                pid = f"{name}_{split}_{idx:05d}"
-                is_lab = bool(labelled[idx]) if split == "train" else False
-                image = render_photo(name, parts, cfg.photo_size, p_rng, cfg.clutter)
-                photos.append(PhotoRecord(pid, name, label, split, is_lab, image))
-                if split == "train" and not is_lab and not cfg.unlabelled_sketches:
-                    continue
-                for k in range(cfg.sketches_per_photo):
-                    strokes = draw_sketch(parts, s_rng, cfg.stroke_order == "canonical")
-                    class_sketches.append((pid, f"{pid}_s{k}", split, strokes))
-        if class_sketches:
-            ink = rasterise([c[3] for c in class_sketches], size=cfg.sketch_size, line_width=cfg.line_width)
-            imgs = np.round(255.0 * (1.0 - ink)).astype(np.uint8)
-            for (photo_id, sid, split, strokes), img in zip(class_sketches, imgs):
-                sketches.append(SketchRecord(sid, photo_id, name, label, split, strokes, img))
-    return SyntheticDataset(class_names=names, photos=photos, sketches=sketches, config=cfg)
+    class_sketches: list[tuple[str | None, str, str, np.ndarray]] = []
+    for split, count in (("train", n_train), ("test", cfg.test_instances_per_class)):
+        for idx in range(count):
+            ss = np.random.SeedSequence([cfg.seed, key, _SPLIT_CODE[split], idx])
+            g_rng, p_rng, s_rng = (np.random.default_rng(c) for c in ss.spawn(3))
+            parts = instance_geometry(name, g_rng)
+            pid = f"{name}_{split}_{idx:05d}"
+            is_lab = bool(labelled[idx]) if split == "train" else False
+            image = render_photo(name, parts, cfg.photo_size, p_rng, cfg.clutter)
+            photos.append(PhotoRecord(pid, name, label, split, is_lab, image))
+            if split == "train" and not is_lab and not cfg.unlabelled_sketches:
+                continue
+            for k in range(cfg.sketches_per_photo):
+                strokes = draw_sketch(parts, s_rng, cfg.stroke_order == "canonical")
+                class_sketches.append((pid, f"{pid}_s{k}", split, strokes))
+    if class_sketches:
+        ink = rasterise([c[3] for c in class_sketches], size=cfg.sketch_size, line_width=cfg.line_width)
+        imgs = np.round(255.0 * (1.0 - ink)).astype(np.uint8)
+        for (photo_id, sid, split, strokes), img in zip(class_sketches, imgs):
+            sketches.append(SketchRecord(sid, photo_id, name, label, split, strokes, img))
+    return photos, sketches
 
 
 def preview_grid(ds: SyntheticDataset, path: str | Path, per_class: int = 2, tile: int = 96) -> Path:

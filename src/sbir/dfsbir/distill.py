@@ -20,11 +20,12 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from sbir.config import DistillParams, ReconstructParams, StudentTrainingParams
 from sbir.dfsbir import losses as L
 from sbir.dfsbir.reconstruct import EstimatorObjective, adapt, build_estimators, read_bank, reptile_update
-from sbir.models.backbones import EncoderPair, to_float
+from sbir.models.backbones import UNKNOWN_CLASS_LOGIT, Classifier, EncoderPair, to_float
 from sbir.models.checkpoints import TeacherSet, build_students, load_teachers, read_checkpoint
 from sbir.models.estimators import EstimatorPair
 from sbir.train import runtime as rt
@@ -57,18 +58,59 @@ class SampleBank:
         return {k: v[idx] for k, v in self.data.items()}
 
 
+def shares_frozen_backbones(students: EncoderPair, teachers: TeacherSet, p: StudentTrainingParams) -> bool:
+    """True when each student's normalisation and backbone are its teacher's, frozen, BatchNorm statistics
+    included (the default students: teacher backbones plus a trained head). Then one backbone pass gives
+    both the teacher's logits and the student's embedding (see :func:`student_losses`)."""
+    if p.student.backbone_lr_scale > 0 or not p.student.freeze_bn_stats:
+        return False
+
+    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+        sa, sb = a.state_dict(), b.state_dict()
+        return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+    return all(same(enc.normalise, t.normalise) and same(enc.backbone, t.backbone)
+               for enc, t in ((students.photo_encoder, teachers.photo_teacher),
+                              (students.sketch_encoder, teachers.sketch_teacher)))
+
+
 def student_losses(students: EncoderPair, proxies: L.StudentProxies, teachers: TeacherSet, x_p: torch.Tensor,
                    x_s: torch.Tensor, p: StudentTrainingParams, labels_p: torch.Tensor | None = None,
-                   labels_s: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   labels_s: torch.Tensor | None = None, shared_backbones: bool = False) -> dict[str, torch.Tensor]:
     """The student objective on one batch of aligned pairs (images float in [0,1]). With labels given and
-    no KD weight (the upper bound) the teachers are not run: their forward passes were a quarter of a step."""
+    no KD weight (the upper bound) the teachers are not run: their forward passes were a quarter of a step.
+    ``shared_backbones`` (see :func:`shares_frozen_backbones`): the teachers' backbone features feed the
+    students' heads too, which saves the students' own backbone passes (the same numbers)."""
+    if shared_backbones:
+        # Classifier.forward and Encoder.forward, split after the backbone features they share
+        with torch.no_grad():
+            f_p, f_s = teachers.photo_teacher.features(x_p), teachers.sketch_teacher.features(x_s)
+            lt_p, lt_s = (_masked(t, t.head(f)) for t, f in ((teachers.photo_teacher, f_p), (teachers.sketch_teacher, f_s)))
+        e_p = F.normalize(students.photo_encoder.project(f_p), dim=-1)
+        e_s = F.normalize(students.sketch_encoder.project(f_s), dim=-1)
+        return _student_terms(e_p, e_s, lt_p, lt_s, proxies, p, labels_p, labels_s)
     e_p, e_s = students(x_p, x_s)
-    proxies_p, proxies_s = proxies.tensors()
     if labels_p is not None and labels_s is not None and p.weights.teacher_kd == 0:
+        return _student_terms(e_p, e_s, None, None, proxies, p, labels_p, labels_s)
+    with torch.no_grad():
+        lt_p, lt_s = teachers.photo_teacher(x_p), teachers.sketch_teacher(x_s)
+    return _student_terms(e_p, e_s, lt_p, lt_s, proxies, p, labels_p, labels_s)
+
+
+def _masked(teacher: Classifier, logits: torch.Tensor) -> torch.Tensor:
+    """A teacher's logits with the classes it never saw fixed, as :meth:`Classifier.forward` gives them."""
+    return logits if bool(teacher.known.all()) else logits.masked_fill(~teacher.known, UNKNOWN_CLASS_LOGIT)
+
+
+def _student_terms(e_p: torch.Tensor, e_s: torch.Tensor, lt_p: torch.Tensor | None, lt_s: torch.Tensor | None,
+                   proxies: L.StudentProxies, p: StudentTrainingParams, labels_p: torch.Tensor | None,
+                   labels_s: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Proxy, teacher-KD (zero without teacher logits) and cross-modal terms; labels default to the
+    teachers' predictions."""
+    proxies_p, proxies_s = proxies.tensors()
+    if lt_p is None or lt_s is None:
         y_p, y_s, kd = labels_p, labels_s, e_p.new_zeros(())
     else:
-        with torch.no_grad():
-            lt_p, lt_s = teachers.photo_teacher(x_p), teachers.sketch_teacher(x_s)
         y_p = lt_p.argmax(1) if labels_p is None else labels_p
         y_s = lt_s.argmax(1) if labels_s is None else labels_s
         kd = (L.teacher_kd(lt_p, L.proxy_logits(e_p, proxies_p, PROXY_SCALE), p.kd_temperature)
@@ -156,6 +198,9 @@ class ReconstructedPairs:
         """Fresh pairs (added to the bank) and replayed ones; labels are the teachers' predictions."""
         t0 = time.time()
         n_replay = int(round(self.p.batch_size * self.p.replay_fraction))
+        if n_replay == self.p.batch_size:  # replay_fraction 1: students learn from the bank alone, no synthesis
+            replay = self.bank.sample(n_replay, gen)
+            return self.dev.to(to_float(replay["photo"])), self.dev.to(to_float(replay["sketch"]))
         source = self.adapted if self.adapted is not None else self.estimators
         source.eval()
         z, y = source.sample_inputs(self.p.batch_size - n_replay, gen, self.device)
@@ -213,7 +258,7 @@ def build_student_side(p: StudentTrainingParams, teachers: TeacherSet, blob: dic
 
 def student_steps(students: EncoderPair, proxies: L.StudentProxies, opt: torch.optim.Optimizer,
                   teachers: TeacherSet, source: ReconstructedPairs, p: DistillParams,
-                  gen: torch.Generator, rnd: int, sums: dict[str, float]) -> None:
+                  gen: torch.Generator, rnd: int, sums: dict[str, float], shared_backbones: bool = False) -> None:
     """m student steps on batches from ``source`` (in ``source.dev``'s precision)."""
     students.train()
     if p.student.freeze_bn_stats:
@@ -223,7 +268,7 @@ def student_steps(students: EncoderPair, proxies: L.StudentProxies, opt: torch.o
     for _ in range(p.student_steps):
         x_p, x_s = source.student_batch(gen)
         with source.dev.autocast():
-            terms = student_losses(students, proxies, teachers, x_p, x_s, p)
+            terms = student_losses(students, proxies, teachers, x_p, x_s, p, shared_backbones=shared_backbones)
             total = weighted_total(terms, p)
         rt.check_finite({**terms, "total": total}, rnd, "distill/students")
         source.dev.step(opt, total, [students, proxies])
@@ -244,11 +289,12 @@ def distill_loop(config: dict) -> None:
     start, history = (state["round"] + 1, state["history"]) if state else (0, [])
     for module in (students, proxies, *(t for t in targets.values() if isinstance(t, torch.nn.Module))):
         rt.broadcast_module(module)
+    shared = shares_frozen_backbones(students, teachers, p)
     sums: dict[str, float] = {}
     count, t0 = 0, time.time()
     for rnd in rt.progress(range(start, source.rounds), total=source.rounds - start, desc="distill"):
         source.estimator_steps(students, tuple(t.detach() for t in proxies.tensors()), gen, rnd, sums)
-        student_steps(students, proxies, opt, teachers, source, p, gen, rnd, sums)
+        student_steps(students, proxies, opt, teachers, source, p, gen, rnd, sums, shared)
         count += 1
         if (rnd + 1) % p.log_every == 0 or rnd + 1 == source.rounds:
             metrics = rt.mean_over_workers({k: v / count for k, v in sums.items()})
