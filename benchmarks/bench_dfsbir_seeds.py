@@ -91,10 +91,12 @@ def collect_seed(out: Path, args: argparse.Namespace) -> dict | None:
         table["unimodal_dfl"] = evaluate_students(out / "unimodal" / "distill" / "students.pt", out, args)
     teachers = read(stage_dirs["teacher_pretrain"], "metrics.json")
     upper = read(stage_dirs["upper_bound"], "metrics.json")
+    bank = read(stage_dirs["reconstruct"], "metrics.json")  # how often the teachers agree with a sample's class
     seconds = {n: read(d, "stage_metrics.json")["stage_seconds"] for n, d in stage_dirs.items()}
     return {"table": table, "seconds": seconds,
             "teachers": {k: teachers[k] for k in ("photo_teacher_test_acc", "sketch_teacher_test_acc")},
             "classifier_only_best_variant": evaluated["classifier_only_best_variant"],
+            "bank": {k: bank[k] for k in ("bank_photo_teacher_acc", "bank_sketch_teacher_acc")},
             "upper_bound": {k: upper[k] for k in ("best_val_mAP@all", "best_step", "steps")}}
 
 
