@@ -150,11 +150,9 @@ def needs_head(params_path: Path) -> bool:
     """Whether a pipeline with these params has a stage that would join the head: not when every training
     stage runs in Ray Train's local mode (``ray.num_workers: 0``: no ``ray.init``) or on a cluster
     (``ray.address`` set: the stages join that instead)."""
-    import yaml
+    from sbir.config import load_params
 
-    from sbir.config import RayParams
-
-    ray = RayParams(**(yaml.safe_load(params_path.read_text()) or {}).get("ray", {}))
+    ray = load_params(params_path).ray  # the project's loader: a bad file stops `make repro` with its message
     return ray.num_workers > 0 and not ray.address
 
 
