@@ -966,6 +966,14 @@ def test_compose_cross_dataset(tmp_path):
     assert ds.read("photos").num_rows == 3
     assert report["counts"] == {"photos": 3, "train_sketches": 2, "test_sketches": 2}
     assert report["left_out"] == {"sketchy sketches not in its test split": 1}
+    # The test source as a train source too gives only its sketches outside the test split (never a query)
+    both = compose(sk, [sk, qd], sk, tmp_path / "both")
+    rows = open_dataset(tmp_path / "both").read("sketches").to_pylist()
+    assert {(r["id"], r["split"], r["photo_id"]) for r in rows} == {
+        ("sketchy/s1", "train", "p1"), ("qd/q1", "train", None), ("qd/q2", "train", None),
+        ("sketchy/s2", "test", "p2"), ("sketchy/s3", "test", None)}
+    assert both["train_sketches_per_source"] == {str(sk): 1, str(qd): 2}
+    assert both["left_out"] == {"sketchy sketches not in its test split": 0}
     bad = _dataset(tmp_path / "birds", ["bird"], [("b1", "bird", "train", None)])
     with pytest.raises(DatasetFormatError, match=r"birds.*\['bird'\] are not photo classes"):
         compose(sk, bad, sk, tmp_path / "out2")

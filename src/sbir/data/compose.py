@@ -7,9 +7,12 @@ evaluated on Sketchy sketches against Sketchy photos).
 
 * The class list is the photo dataset's; every sketch class must be one of them (map the sketch source's
   names at ingest with ``--class-map``), else the composition stops naming the dataset and the classes.
-* Every sketch of ``--train-sketches`` (all its splits) becomes a ``train`` sketch without a photo; the
-  ``test`` sketches of ``--test-sketches`` are the queries and keep their photo when it is in the photo
-  dataset. What is left out (the test source's other splits) is counted in the report, never silent.
+* ``--train-sketches`` names one or more sources. Every sketch of a source (all its splits) becomes a
+  ``train`` sketch; a source that is also ``--test-sketches`` gives only its sketches outside the test
+  split, so no query is ever trained on (e.g. Sketchy's own train sketches beside Quick Draw drawings). The
+  ``test`` sketches of ``--test-sketches`` are the queries. A sketch keeps its photo when that photo is in
+  the photo dataset. What is left out (the test source's other splits) is counted in the report, never
+  silent.
 * Sketch images of both sources must have one size, and ids are prefixed with their source dataset's
   name, so the two sources never collide.
 """
@@ -19,7 +22,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from sbir.data.format import DatasetFormatError, DatasetWriter, PhotoRow, SketchRow, open_dataset, strokes_from_arrow
 
@@ -47,38 +50,50 @@ def _check_sizes(rows: list[dict[str, Any]], where: Path) -> tuple[int, int]:
     return next(iter(sizes))
 
 
-def compose(photos: str | os.PathLike, train_sketches: str | os.PathLike, test_sketches: str | os.PathLike,
-            out: str | os.PathLike, name: str | None = None) -> dict[str, Any]:
+def compose(photos: str | os.PathLike, train_sketches: str | os.PathLike | Sequence[str | os.PathLike],
+            test_sketches: str | os.PathLike, out: str | os.PathLike, name: str | None = None) -> dict[str, Any]:
     """Write the composed dataset to ``out`` and return its report (also in the manifest, ``composed``)."""
-    photo_ds, train_ds, test_ds = open_dataset(photos), open_dataset(train_sketches), open_dataset(test_sketches)
+    if isinstance(train_sketches, (str, os.PathLike)):
+        train_sketches = [train_sketches]
+    photo_ds, test_ds = open_dataset(photos), open_dataset(test_sketches)
     classes = photo_ds.class_names
-    train_rows = _sketch_rows(train_ds, None)
     test_rows = _sketch_rows(test_ds, ["test"])
-    _check_classes(train_rows, classes, train_ds.root)
     _check_classes(test_rows, classes, test_ds.root)
-    sizes = {str(train_ds.root): _check_sizes(train_rows, train_ds.root),
-             str(test_ds.root): _check_sizes(test_rows, test_ds.root)}
+    sizes = {str(test_ds.root): _check_sizes(test_rows, test_ds.root)}
+    train_sources = []  # (dataset, its rows that become train sketches)
+    for path in train_sketches:
+        ds = open_dataset(path)
+        same_as_test = ds.root.resolve() == test_ds.root.resolve()
+        rows = _sketch_rows(ds, [s for s in ds.manifest["counts"]["sketches"] if s != "test"] if same_as_test else None)
+        _check_classes(rows, classes, ds.root)
+        sizes[str(ds.root)] = _check_sizes(rows, ds.root)
+        train_sources.append((ds, rows))
     if len(set(sizes.values())) > 1:
         raise DatasetFormatError(f"sketch image sizes differ between the sources: {sizes}; ingest both with one "
                                  "--image-size")
     photo_rows = photo_ds.read("photos").to_pylist()
     photo_ids = {r["id"] for r in photo_rows}
     label = {c: i for i, c in enumerate(classes)}
+    used_from_test = len(test_rows) + sum(len(rows) for ds, rows in train_sources
+                                          if ds.root.resolve() == test_ds.root.resolve())
+    all_train = [r for _, rows in train_sources for r in rows]
     report: dict[str, Any] = {
-        "photos": str(photo_ds.root), "train_sketches": str(train_ds.root), "test_sketches": str(test_ds.root),
-        "counts": {"photos": len(photo_rows), "train_sketches": len(train_rows), "test_sketches": len(test_rows)},
-        "train_sketches_per_class": dict(sorted(Counter(r["class_name"] for r in train_rows).items())),
+        "photos": str(photo_ds.root), "train_sketches": [str(ds.root) for ds, _ in train_sources],
+        "test_sketches": str(test_ds.root),
+        "counts": {"photos": len(photo_rows), "train_sketches": len(all_train), "test_sketches": len(test_rows)},
+        "train_sketches_per_source": {str(ds.root): len(rows) for ds, rows in train_sources},
+        "train_sketches_per_class": dict(sorted(Counter(r["class_name"] for r in all_train).items())),
         "left_out": {f"{test_ds.root.name} sketches not in its test split":
-                     test_ds.manifest["totals"]["sketches"] - len(test_rows)},
+                     test_ds.manifest["totals"]["sketches"] - used_from_test},
     }
     out = Path(out)
     with DatasetWriter(out, classes, name or out.name, extra={"composed": report}) as writer:
         for r in photo_rows:
             writer.add_photo(PhotoRow(r["id"], r["class_name"], label[r["class_name"]], r["split"], r["image"],
                                       r["height"], r["width"], r["source"], bool(r["labelled"])))
-        for split, ds, rows in (("train", train_ds, train_rows), ("test", test_ds, test_rows)):
+        for split, ds, rows in [("train", ds, rows) for ds, rows in train_sources] + [("test", test_ds, test_rows)]:
             for r in rows:
-                photo_id = r["photo_id"] if split == "test" and r["photo_id"] in photo_ids else None
+                photo_id = r["photo_id"] if r["photo_id"] in photo_ids else None
                 writer.add_sketch(SketchRow(f"{ds.root.name}/{r['id']}", r["class_name"], label[r["class_name"]],
                                             split, r["image"], r["height"], r["width"], r["strokes"], photo_id,
                                             r["source"]))
@@ -91,8 +106,9 @@ def add_compose(sub) -> None:
                                        "dataset, training sketches from another",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--photos", required=True, help="ingested dataset whose photos (all splits) are kept")
-    p.add_argument("--train-sketches", required=True, help="ingested dataset whose sketches (all splits) become "
-                                                           "the train sketches")
+    p.add_argument("--train-sketches", required=True, nargs="+",
+                   help="ingested dataset(s) whose sketches become the train sketches: all splits of each, or "
+                        "the splits other than test of the --test-sketches dataset")
     p.add_argument("--test-sketches", required=True, help="ingested dataset whose test sketches are the queries")
     p.add_argument("--out", required=True, help="output dataset folder (written atomically)")
     p.add_argument("--name", default=None, help="dataset name (default: --out folder name)")
