@@ -30,6 +30,16 @@ STAGE_ORDER = ("ingest", "ingest_sketchy", "ingest_quickdraw", "compose", "teach
                "distill", "upper_bound", "evaluate", "sketch_generator", "pseudo_pairs", "fgsbir_joint", "fg_evaluate")
 
 
+def machine() -> dict:
+    """Cores and CPU model of this machine (the one a pipeline's outputs are read on: where it ran)."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")), model)
+    return {"cpus": os.cpu_count(), "processor": model}
+
+
 def read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -127,8 +137,15 @@ def tables(results: dict) -> str:
                 v = fg[m]
                 lines.append(f"| {m} | {v['acc@1']:.4f} | {v['acc@5']:.4f} | {v['acc@10']:.4f} | {v['mean_rank']:.1f} |")
         lines += ["", "stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
-                  + f" (total {r['training_stage_seconds_total']:.0f} s; outputs read {r.get('collected', '?')})", ""]
+                  + f" (total {r['training_stage_seconds_total']:.0f} s; {where(r)})", ""]
     return "\n".join(lines)
+
+
+def where(record: dict) -> str:
+    """On which machine and when a record's outputs were read (records from before this was kept say so)."""
+    m = record.get("machine")
+    on = f"{m['processor']}, {m['cpus']} cores" if m else "machine not recorded"
+    return f"{on}; outputs read {record.get('collected', 'before 2026-12-02')}"
 
 
 def summary_table(results: dict) -> str:
@@ -167,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     results, fresh = {}, []
     for name in args.pipelines:
         if (record := collect(name)) is not None:
-            results[name] = {**record, "collected": now}
+            results[name] = {**record, "collected": now, "machine": machine()}
             fresh.append(name)
         elif name in earlier:
             print(f"{name}: no outputs/{name} here; its record is kept from {path.name} as it was")
@@ -178,8 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     summary = summary_table(results)
     print(summary)
-    doc = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
-           "pipelines": results, "tables": text, "summary_table": summary}
+    doc = {"machine": machine(), "pipelines": results, "tables": text, "summary_table": summary}
     path.write_text(json.dumps(doc, indent=2))
     print(f"-> {path}")
     return doc
