@@ -32,12 +32,9 @@ STAGE_ORDER = ("ingest", "ingest_sketchy", "ingest_quickdraw", "compose", "teach
 
 def machine() -> dict:
     """Cores and CPU model of this machine (the one a pipeline's outputs are read on: where it ran)."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                      if line.startswith("model name")), model)
-    return {"cpus": os.cpu_count(), "processor": model}
+    from run_all import cpu_model_name  # benchmarks/ is on sys.path when a script here runs
+
+    return {"cpus": os.cpu_count(), "processor": cpu_model_name() or platform.machine()}
 
 
 def read(path: Path) -> dict | None:
@@ -188,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
             fresh.append(name)
         elif name in earlier:
             print(f"{name}: no outputs/{name} here; its record is kept from {path.name} as it was")
-            results[name] = {**earlier[name], "collected": earlier[name].get("collected", "before 2026-12-02")}
+            results[name] = earlier[name]
     if not fresh:
         sys.exit("no real-data pipeline outputs under outputs/: run `make repro PIPELINE=pipelines/<name>/dvc.yaml`")
     text = tables(results)

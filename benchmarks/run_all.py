@@ -51,19 +51,23 @@ DEFAULT_ARGS = {"ingest": "--drawings 10000 --images 1000",
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 
 
+def cpu_model_name() -> str | None:
+    """The CPU model from /proc/cpuinfo where there is one, else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, RAM, GPU, library versions, load average, git commit."""
     import psutil
     import torch
 
-    cpu_model = platform.processor() or None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu_model = cpu_model_name()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("ray", "mlflow", "dvc", "faiss", "pyarrow", "numpy"):

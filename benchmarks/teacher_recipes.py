@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import real_data  # noqa: E402  (benchmarks/ is not a package)
 
 T = "teacher_pretrain."
 # Every recipe names its lr, backbone lr scale, batch and epochs, so it means the same after the
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"params": str(Path(args.params).resolve().relative_to(REPO)), "threads": args.threads,
-           "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+           "machine": real_data.machine(),
            "recipes": results, "summary": summary}
     out.write_text(json.dumps(doc, indent=2))
     plot(results, out.with_suffix(".png"))

@@ -61,6 +61,7 @@ def compose(photos: str | os.PathLike, train_sketches: str | os.PathLike | Seque
     _check_classes(test_rows, classes, test_ds.root)
     sizes = {str(test_ds.root): _check_sizes(test_rows, test_ds.root)}
     train_sources = []  # (dataset, its rows that become train sketches)
+    used_from_test = len(test_rows)  # the test source's sketches that go into the composed set
     for path in train_sketches:
         ds = open_dataset(path)
         same_as_test = ds.root.resolve() == test_ds.root.resolve()
@@ -68,14 +69,13 @@ def compose(photos: str | os.PathLike, train_sketches: str | os.PathLike | Seque
         _check_classes(rows, classes, ds.root)
         sizes[str(ds.root)] = _check_sizes(rows, ds.root)
         train_sources.append((ds, rows))
+        used_from_test += len(rows) if same_as_test else 0
     if len(set(sizes.values())) > 1:
         raise DatasetFormatError(f"sketch image sizes differ between the sources: {sizes}; ingest both with one "
                                  "--image-size")
     photo_rows = photo_ds.read("photos").to_pylist()
     photo_ids = {r["id"] for r in photo_rows}
     label = {c: i for i, c in enumerate(classes)}
-    used_from_test = len(test_rows) + sum(len(rows) for ds, rows in train_sources
-                                          if ds.root.resolve() == test_ds.root.resolve())
     all_train = [r for _, rows in train_sources for r in rows]
     report: dict[str, Any] = {
         "photos": str(photo_ds.root), "train_sketches": [str(ds.root) for ds, _ in train_sources],
