@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FULL_PARAMS = REPO / "pipelines" / "embedded-full" / "params.yaml"  # the science budgets (the default cuts them)
 sys.path.insert(0, str(REPO / "src"))
 
 VARIANTS: dict[str, list[str]] = {
@@ -58,7 +59,7 @@ def evaluate_students(students_path: Path, dataset_dir: Path, teachers_path: Pat
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    ap.add_argument("--params", default=str(FULL_PARAMS))
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help="names from the built-in list")
     ap.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                     help="an extra variant: a name then overrides")
@@ -74,7 +75,8 @@ def main() -> None:
     dataset = (REPO / root.dataset_dir).resolve()
     teachers = outputs / "teacher_pretrain" / "teachers.pt"
     if not teachers.is_file():
-        sys.exit(f"{teachers} not found: run `make repro` first")
+        sys.exit(f"{teachers} not found: run the params' pipeline first (`make repro "
+                 "PIPELINE=pipelines/embedded-full/dvc.yaml`, or `make repro` for --params params.yaml)")
     variants = {v: VARIANTS[v] for v in args.variants}
     variants.update({v[0]: v[1:] for v in args.variant})
     results = {}

@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FULL_PARAMS = REPO / "pipelines" / "embedded-full" / "params.yaml"  # the science budgets (the default cuts them)
 sys.path.insert(0, str(REPO / "src"))
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    ap.add_argument("--params", default=str(FULL_PARAMS))
     ap.add_argument("--workers", type=int, default=None,
                     help="ray.num_workers (0: in-process local mode; default: the params file's)")
     ap.add_argument("--students", default=str(REPO / "outputs/distill/students.pt"))

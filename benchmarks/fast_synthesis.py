@@ -6,7 +6,8 @@
 
 For every seed and each ``reconstruct.synthesis`` mode (``alternation``, ``fast``) it runs reconstruct and
 distill (in-process, ``ray.num_workers: 0``, MLflow off) from the pipeline's trained teachers
-(``<outputs_dir>/teacher_pretrain``, linked: run ``make repro`` first), then scores the students on the
+(``<outputs_dir>/teacher_pretrain``, linked: run ``make repro PIPELINE=pipelines/embedded-full/dvc.yaml``
+first, or pass ``--params params.yaml`` after ``make repro``), then scores the students on the
 test split as the evaluate stage does (sketch -> photo mAP@all). Synthesis time is what the stages
 report as ``synthesis_seconds``: reconstruct's estimator updates plus its bank, and distill's estimator
 updates plus the fresh pairs it draws each round (student training is not synthesis). Issue #15 asks
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FULL_PARAMS = REPO / "pipelines" / "embedded-full" / "params.yaml"  # the science budgets (the default cuts them)
 sys.path.insert(0, str(REPO / "src"))
 
 MODES = ("alternation", "fast")
@@ -54,7 +56,8 @@ def one_run(params: Path, seed: int, mode: str, work: Path, sets: list[str]) -> 
     outputs.mkdir(parents=True, exist_ok=True)
     teachers = (REPO / load_params(params).outputs_dir / "teacher_pretrain").resolve()
     if not (teachers / "teachers.pt").is_file():
-        raise SystemExit(f"{teachers}/teachers.pt not found: run `make repro` (or the teacher_pretrain stage) first")
+        raise SystemExit(f"{teachers}/teachers.pt not found: run the params' pipeline first (`make repro "
+                         "PIPELINE=pipelines/embedded-full/dvc.yaml`, or `make repro` for --params params.yaml)")
     link = outputs / "teacher_pretrain"
     if not link.exists():
         link.symlink_to(teachers)
@@ -79,7 +82,7 @@ def stats(values: list[float]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--params", type=Path, default=FULL_PARAMS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--work", type=Path, default=REPO / "ray_results/fast_synthesis")

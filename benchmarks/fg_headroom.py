@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FULL_PARAMS = REPO / "pipelines" / "embedded-full" / "params.yaml"  # the science budgets (the default cuts them)
 sys.path.insert(0, str(REPO / "src"))
 
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=str(REPO / "data/prepared"), help="a prepared dataset folder")
     ap.add_argument("--name", default=None, help="the run's name in the JSON (default: the dataset folder's)")
-    ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    ap.add_argument("--params", default=str(FULL_PARAMS))
     ap.add_argument("--students", default=str(REPO / "outputs/distill/students.pt"),
                     help="F's init (fgsbir_joint.init data_free); --init scratch ignores it")
     ap.add_argument("--init", choices=["data_free", "scratch"], default="data_free")

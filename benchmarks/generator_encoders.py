@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FULL_PARAMS = REPO / "pipelines" / "embedded-full" / "params.yaml"  # the science budgets (the default cuts them)
 sys.path.insert(0, str(REPO / "src"))
 
 KEYS = ("photo_loss_gain", "photo_loss_own", "photo_loss_shuffled", "attention_entropy", "eval_total")
@@ -59,7 +60,7 @@ def run_config(name: str, sets: list[str], args) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="+", help="NAME:KEY=VALUE,... over the sketch_generator params")
-    ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    ap.add_argument("--params", default=str(FULL_PARAMS))
     ap.add_argument("--teachers-from", default=str(REPO / "outputs"), help="an outputs dir with teacher_pretrain/")
     ap.add_argument("--work", default=str(REPO / "benchmarks/results/generator_encoders"))
     ap.add_argument("--seed", type=int, default=0)

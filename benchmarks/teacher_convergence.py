@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FULL_PARAMS = REPO / "pipelines" / "embedded-full" / "params.yaml"  # the science budgets (the default cuts them)
 sys.path.insert(0, str(REPO / "src"))
 
 CURVES = ("photo_teacher_test_acc", "sketch_teacher_test_acc")
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, nargs="+", default=[12, 24])
     ap.add_argument("--history", action="append", default=[], metavar="E=PATH",
                     help="history.json of an earlier run of budget E (repeatable)")
-    ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    ap.add_argument("--params", default=str(FULL_PARAMS))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/teacher_convergence.json"))
     args = ap.parse_args(argv)

@@ -180,8 +180,55 @@ def test_precision_is_part_of_a_training_stage_digest(tmp_path):
     from sbir.registry import get_stage
     from sbir.stage import stage_digest
 
-    fp32_root, bf16_root = Root(), Root(ray=RayParams(precision="bf16"))
+    fp32_root, bf16_root = Root(ray=RayParams(precision="fp32")), Root(ray=RayParams(precision="bf16"))
     teacher, evaluate = get_stage("teacher_pretrain"), get_stage("evaluate")
     assert stage_digest(teacher, fp32_root) != stage_digest(teacher, bf16_root)
     assert stage_digest(evaluate, fp32_root) == stage_digest(evaluate, bf16_root)  # evaluation stays fp32
-    assert stage_digest(teacher, fp32_root) == stage_digest(teacher, Root(ray=RayParams(pin_memory=True)))
+    assert stage_digest(teacher, fp32_root) == stage_digest(teacher, Root(ray=RayParams(precision="fp32",
+                                                                                        pin_memory=True)))
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    """auto resolves to bf16 on a CPU with native bf16 (AVX512-BF16 / AMX) or a bf16 GPU, else fp32; an
+    explicit precision is kept; a run's digest holds what auto resolved to (a bf16 run is not resumed
+    on a machine that would compute it in fp32)."""
+    from sbir.config import Root
+    from sbir.registry import get_stage
+    from sbir.stage import stage_digest
+    from sbir.train import precision as P
+
+    teacher = get_stage("teacher_pretrain")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(P, "native_bf16", lambda use_gpu, native=native: native)
+        assert P.resolve(RayParams()).precision == expected  # the default is auto
+        assert LoopDevice(CPU, "auto").precision == expected
+        assert P.resolve(RayParams(precision="fp32")).precision == "fp32"
+        assert P.resolve(RayParams(precision="bf16")).precision == "bf16"
+        explicit = Root(ray=RayParams(precision=expected))
+        assert stage_digest(teacher, Root()) == stage_digest(teacher, explicit)
+    flags = "flags : fpu sse avx2 avx512f avx512_bf16\n"
+    monkeypatch.undo()
+    monkeypatch.setattr(P.Path, "read_text", lambda self: flags)
+    assert P.native_bf16(use_gpu=False)
+    monkeypatch.setattr(P.Path, "read_text", lambda self: "flags : fpu sse avx2 avx512f\n")
+    assert not P.native_bf16(use_gpu=False)
+
+
+def test_small_conv_nets_are_built_channels_last_and_compute_what_nchw_does():
+    """The conv nets of the embedded pipeline keep their 4-d weights in NHWC (oneDNN skips the reorders:
+    benchmarks/results/channels_last.json); the outputs equal the NCHW nets' up to float rounding."""
+    import copy
+
+    from sbir.fgsbir.joint import PairDiscriminator
+    from sbir.models.backbones import SmallCNN
+    from sbir.models.estimators import ConditionalEstimator
+
+    torch.manual_seed(0)
+    nets = {"small_cnn": (SmallCNN(8, 3), (torch.rand(4, 3, 32, 32),)),
+            "estimator": (ConditionalEstimator(16, 5, 3, 8, 32), (torch.randn(4, 16), torch.tensor([0, 1, 2, 4]))),
+            "discriminator": (PairDiscriminator(8), (torch.rand(4, 1, 32, 32), torch.rand(4, 3, 32, 32)))}
+    for name, (net, inputs) in nets.items():
+        weights = [w for w in net.parameters() if w.dim() == 4]
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights), name
+        nchw = copy.deepcopy(net).to(memory_format=torch.contiguous_format).eval()
+        torch.testing.assert_close(net.eval()(*inputs), nchw(*inputs), rtol=1e-4, atol=1e-5, msg=name)

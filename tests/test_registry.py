@@ -74,3 +74,29 @@ def test_stage_help_says_what_the_stage_does_and_which_params_it_reads():
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     assert "CrossX-DFL students" in text and "'distill'" in text and "--resume" in text
+
+
+def test_embedded_full_is_the_default_pipeline_with_science_budgets():
+    """pipelines/embedded-full runs the default dvc.yaml's stages (generated from it, so the two cannot
+    drift) with the science budgets; its params differ from the default's only in the names, the
+    precision and the step budgets that issue #15 cut for the 5-minute default."""
+    script = REPO / "pipelines" / "embedded-full" / "make_dvc_yaml.py"
+    check = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    from sbir.config import load_params
+
+    def leaves(data, prefix=""):
+        if isinstance(data, dict):
+            return {k: v for key, sub in data.items() for k, v in leaves(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: data}
+
+    default = leaves(load_params(REPO / "params.yaml").model_dump(mode="json"))
+    full = leaves(load_params(REPO / "pipelines" / "embedded-full" / "params.yaml").model_dump(mode="json"))
+    differ = {k for k in default if default[k] != full[k]}
+    assert {"pipeline", "dataset_dir", "outputs_dir"} <= differ
+    assert differ <= {"pipeline", "dataset_dir", "outputs_dir", "ray.precision", "teacher_pretrain.epochs",
+                      "reconstruct.steps", "distill.rounds", "upper_bound.max_steps", "sketch_generator.steps",
+                      "fgsbir_joint.supervised_steps", "fgsbir_joint.joint_steps"}, differ
+    assert full["ray.precision"] == "fp32"  # the benchmarks' tables were measured in fp32
+    for key in differ - {"pipeline", "dataset_dir", "outputs_dir", "ray.precision"}:
+        assert full[key] >= default[key], key  # the default only ever cuts

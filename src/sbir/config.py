@@ -42,9 +42,11 @@ class RayParams(Params):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how Ray places a stage's workers on the nodes: PACK fills one node first, SPREAD puts "
                             "them on different nodes where it can")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="the training loops' forward passes and losses: fp32, or autocast to bf16 (CPU and "
-                            "CUDA) or fp16 (CUDA only, with loss scaling); evaluation stays fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="the training loops' forward passes and losses: fp32, or autocast to bf16 (CPU and "
+                            "CUDA) or fp16 (CUDA only, with loss scaling); auto: bf16 where the hardware computes "
+                            "it natively (a CPU with AVX512-BF16 or AMX, a CUDA GPU that supports it), else fp32; "
+                            "evaluation stays fp32")
     pin_memory: bool = Field(False, description="copy training batches to a CUDA device through pinned memory, "
                                                 "non-blocking (no effect without CUDA)")
     decode_workers: int = Field(0, ge=0, description="threads decoding the dataset's PNGs when a training loop "
@@ -98,7 +100,7 @@ class TeacherParams(Params):
     backbone: BackboneParams = BackboneParams()
     modality_backbone: BackboneParams = BackboneParams(width=16, depth=3)
     image_size: int = Field(32, ge=16)
-    epochs: int = Field(24, ge=1)
+    epochs: int = Field(18, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
@@ -194,7 +196,7 @@ class StudentTrainingParams(Params):
 
 
 class DistillParams(StudentTrainingParams):
-    rounds: int = Field(100, ge=1, description="adversarial alternation rounds")
+    rounds: int = Field(60, ge=1, description="adversarial alternation rounds")
     estimator_steps: int = Field(1, ge=0, description="k: estimator steps per round")
     student_steps: int = Field(4, ge=1, description="m: student steps per round")
     estimator_lr: float = Field(1e-4, gt=0)
@@ -213,7 +215,7 @@ class UpperBoundParams(StudentTrainingParams):
 
     student: StudentParams = StudentParams(backbone_lr_scale=1.0, freeze_bn_stats=False)
     weights: DistillLossWeights = DistillLossWeights(teacher_kd=0.0)
-    max_steps: int = Field(600, ge=1, description="upper limit; training stops earlier when validation is flat")
+    max_steps: int = Field(400, ge=1, description="upper limit; training stops earlier when validation is flat")
     weight_decay: float = Field(5e-4, ge=0)
     augment: bool = True
     val_share: float = Field(0.1, gt=0, lt=1, description="share of the training sketches and photos held out "

@@ -64,8 +64,9 @@ class StageContext:
         from sbir.train import precision
         from sbir.train import runtime as rt
 
-        precision.check_before_start(self.params.ray)  # fp16 without a GPU: one clear error before Ray starts
-        return rt.run_training(self.stage, loop, {"ray": self.params.ray, **config}, self.params.ray, self.digest,
+        ray = precision.resolve(self.params.ray)  # auto -> bf16 or fp32 for this machine, once for all workers
+        precision.check_before_start(ray)  # fp16 without a GPU: one clear error before Ray starts
+        return rt.run_training(self.stage, loop, {"ray": ray, **config}, ray, self.digest,
                                resume=self.resume, mlflow_run=self.run)
 
     def write_json(self, name: str, data: Any) -> Path:
@@ -198,10 +199,13 @@ def _training_record(trainings: list[dict[str, Any]]) -> dict[str, Any]:
 def stage_digest(spec: StageSpec, root: Root) -> str:
     payload: dict[str, Any] = {"stage": spec.name, "seed": root.seed, "dataset": root.dataset_dir,
                                "sections": {s: section_value(root, s) for s in spec.sections}}
-    if spec.trains and root.ray.precision != "fp32":
+    from sbir.train.precision import resolve  # (imports torch: not at module level)
+
+    precision = resolve(root.ray).precision if spec.trains else "fp32"  # auto: what this machine runs
+    if precision != "fp32":
         # the precision changes what a training stage learns: a run in another precision is not resumed
         # (only when not fp32, so the digests of fp32 runs stay those from before the key existed)
-        payload["precision"] = root.ray.precision
+        payload["precision"] = precision
     return params_hash(payload)
 
 

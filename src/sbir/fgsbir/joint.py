@@ -60,7 +60,7 @@ from sbir.fgsbir.generator_train import IntervalMeans, StrokeBank, paired_stroke
 from sbir.fgsbir.losses import (consistency_loss, discriminator_loss, discriminator_weights, retrieval_reward,
                                 sample_negatives, triplet_loss)
 from sbir.fgsbir.params import FGJointParams
-from sbir.models.backbones import EncoderPair, channel_stats, resize, to_float
+from sbir.models.backbones import EncoderPair, channel_stats, channels_last, resize, to_float
 from sbir.models.checkpoints import build_retrieval_model, checkpoint_path, load_generator, load_students
 from sbir.models.sketch_generator import MovingAverageBaseline, reinforce_loss
 from sbir.train import runtime as rt
@@ -98,7 +98,7 @@ class PairDiscriminator(nn.Module):
             c = width * 2 ** i
             layers += [nn.Conv2d(c_in, c, 3, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
             c_in = c
-        self.features = nn.Sequential(*layers)
+        self.features = channels_last(nn.Sequential(*layers))
         self.head = nn.Linear(c_in, 1)
 
     def forward(self, sketches: torch.Tensor, photos: torch.Tensor) -> torch.Tensor:

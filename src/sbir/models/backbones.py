@@ -43,6 +43,14 @@ class Normalise(nn.Module):
         return (x - self.mean) / self.std
 
 
+def channels_last(module: nn.Module) -> nn.Module:
+    """``module`` with its 4-d weights in NHWC order. oneDNN's CPU convolutions then keep their activations
+    in NHWC too (whatever the input's layout) and skip the reorders: a small_cnn step at 32 px is 1.2-1.3x
+    faster in fp32 and 1.3-1.4x in bf16 on the 2-core AMD EPYC (benchmarks/results/channels_last.json);
+    cuDNN's tensor-core kernels prefer NHWC as well. The values are the same up to float rounding."""
+    return module.to(memory_format=torch.channels_last)
+
+
 class SmallCNN(nn.Module):
     """conv-BN-ReLU blocks, stride 2 after the first, global average pool. Fast at 32 px on a CPU."""
 
@@ -54,7 +62,7 @@ class SmallCNN(nn.Module):
             stride = 1 if i == 0 else 2
             layers += [nn.Conv2d(c_in, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
             c_in, c = c, min(c * 2, width * 4)
-        self.features = nn.Sequential(*layers)
+        self.features = channels_last(nn.Sequential(*layers))
         self.out_dim = c_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sbir.models.backbones import channels_last
+
 
 class ConditionalEstimator(nn.Module):
     def __init__(self, latent_dim: int, num_classes: int, out_channels: int, width: int, image_size: int) -> None:
@@ -26,8 +28,8 @@ class ConditionalEstimator(nn.Module):
             return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
                     nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True)]
 
-        self.body = nn.Sequential(nn.BatchNorm2d(c), *up(c, c), *up(c, c // 2), *up(c // 2, width),
-                                  nn.Conv2d(width, out_channels, 3, 1, 1))
+        self.body = channels_last(nn.Sequential(nn.BatchNorm2d(c), *up(c, c), *up(c, c // 2), *up(c // 2, width),
+                                                nn.Conv2d(width, out_channels, 3, 1, 1)))
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # multiplicative conditioning: the class gates the noise, so the output cannot ignore z as

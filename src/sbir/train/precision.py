@@ -5,7 +5,7 @@ config (``config["ray"]``); a loop builds ``dev = LoopDevice.from_config(config,
 ``rt.setup_worker`` and
 
 * runs its forward passes and losses inside ``with dev.autocast():`` (fp32: no autocast; bf16: CPU and
-  CUDA; fp16: CUDA only);
+  CUDA; fp16: CUDA only; auto, the default: bf16 where the hardware has it natively, else fp32);
 * steps with ``dev.step(optimizer, loss, modules)``: backward outside autocast (as torch recommends), the
   gradient all-reduce, clipping of the unscaled gradients, the step. In fp16 the loss is scaled and a
   step whose gradients overflowed is skipped (``torch.amp.GradScaler``; the all-reduce comes first, so
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Mapping
 
 import torch
@@ -41,6 +42,28 @@ def autocast(device: torch.device | str, precision: str) -> ContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def native_bf16(use_gpu: bool) -> bool:
+    """Whether the training device computes bf16 natively: a CUDA GPU that supports it, or a CPU with the
+    AVX512-BF16 or AMX-BF16 instructions (Linux: /proc/cpuinfo). Elsewhere bf16 is emulated and slower
+    than fp32, so ``auto`` stays fp32 there."""
+    if use_gpu:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve(ray: RayParams) -> RayParams:
+    """``ray`` with ``precision: auto`` resolved for this machine (bf16 where native, else fp32); a
+    precision given explicitly stays as it is. Stages resolve before Ray starts, so every worker of a
+    run computes in the same precision (the driver decides, like ``use_gpu: auto``)."""
+    if ray.precision != "auto":
+        return ray
+    return ray.model_copy(update={"precision": "bf16" if native_bf16(rt.use_gpu(ray)) else "fp32"})
 
 
 def check_device(precision: str, device: torch.device | str) -> None:
@@ -111,6 +134,8 @@ class LoopDevice:
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
+        if self.precision == "auto":  # a loop called directly (a stage resolves before Ray starts)
+            self.precision = "bf16" if native_bf16(self.device.type == "cuda") else "fp32"
         self.scaler = grad_scaler(self.device, self.precision)  # also refuses fp16 off CUDA
 
     @classmethod

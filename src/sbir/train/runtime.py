@@ -322,6 +322,7 @@ def run_training(stage: str, loop: Callable[[dict], None], loop_config: Mapping[
     (run_dir / COMPLETED_MARKER).write_text(json.dumps({"seconds": seconds}))
     TRAINING_LOG.append({"stage": stage, "resumed": resumed, "resumed_from": resumed_from,
                          "train_seconds": round(seconds, 2), "num_workers": ray_params.num_workers,
+                         "precision": ray_params.precision,
                          "time_split": time_split(run_dir, start, start + seconds),
                          "worker_nodes": worker_nodes(run_dir), "restores": restores(run_dir)})
     return TrainingOutcome(metrics=dict(result.metrics or last_local), state=state, run_dir=run_dir, resumed=resumed,
