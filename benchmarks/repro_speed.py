@@ -72,6 +72,7 @@ def stage_rows(root: Path, samples: list[tuple[float, float]]) -> list[dict[str,
         trainings = res.get("trainings") or []  # every Ray Train fit of the stage, with its time split
         if trainings:
             row["fit_seconds"] = round(sum(t.get("train_seconds") or 0 for t in trainings), 2)
+            row["precision"] = sorted({t.get("precision", "fp32") for t in trainings})
             splits = [t["time_split"] for t in trainings if t.get("time_split")]
             if splits:
                 row["time_split"] = {k: round(sum(s[k] for s in splits), 2) for k in splits[0]}
@@ -83,8 +84,25 @@ def stage_rows(root: Path, samples: list[tuple[float, float]]) -> list[dict[str,
     return rows
 
 
-def table(runs: dict[str, Any]) -> str:
-    labels = list(runs)[:2]
+HEADLINE_KEYS = ("mAP@all", "acc@1", "acc@10", "mean_rank", "_test_acc", "acc_pseudo")
+
+
+def headline_metrics(root: Path) -> dict[str, Any]:
+    """What the run computed, beside its time: the teachers' test accuracies, every method's mAP@all
+    (evaluate), the sketch teacher's class accuracy on G's pseudo sketches (pseudo_pairs) and every
+    variant's Acc@1 / Acc@10 / mean rank, G's sketches as queries included (fg_evaluate), from the stages'
+    metrics.json."""
+    out: dict[str, Any] = {}
+    for stage in ("teacher_pretrain", "evaluate", "pseudo_pairs", "fg_evaluate"):
+        path = root / "outputs" / stage / "metrics.json"
+        if path.is_file():
+            metrics = json.loads(path.read_text())
+            out[stage] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k.endswith(HEADLINE_KEYS)}
+    return out
+
+
+def table(runs: dict[str, Any], labels: list[str] | None = None) -> str:
+    labels = labels or list(runs)[:2]
     stages = [r["stage"] for r in runs[labels[0]]["stages"]]
     by = {lab: {r["stage"]: r for r in runs[lab]["stages"]} for lab in labels}
     head = "| stage | " + " | ".join(f"{lab} wall (s) | {lab} start-up / compute / reports / teardown" for lab in labels) + " |"
@@ -114,7 +132,21 @@ def main() -> None:
     parser.add_argument("--wall", type=float, help="with --replay: its wall seconds")
     parser.add_argument("--note", default="", help="what else ran on the machine, or any caveat")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/repro_speed.json")
+    parser.add_argument("--compare", nargs=2, metavar="LABEL", help="the two runs the printed table compares "
+                                                                      "(default: the file's first two)")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="no run: re-read the stages and metrics of --root into the existing run --label "
+                             "(its wall time and console count stay)")
     args = parser.parse_args()
+    if args.collect_only:
+        record = json.loads(args.out.read_text())
+        run = record["runs"][args.label]
+        peaks = {r["stage"]: r.get("machine_peak_used_mib") for r in run["stages"]}  # sampled during the run
+        run["stages"] = [{**r, "machine_peak_used_mib": peaks.get(r["stage"])} for r in stage_rows(args.root, [])]
+        run["metrics"] = headline_metrics(args.root)
+        args.out.write_text(json.dumps(record, indent=2))
+        print(table(record["runs"], args.compare))
+        return
     if args.replay:
         text, status, wall = args.replay.read_text(errors="replace"), None, args.wall
         samples = read_samples(args.memory) if args.memory else []
@@ -134,13 +166,13 @@ def main() -> None:
            "machine_peak_used_mib": round(max(m for _, m in samples)) if samples else None,
            "console": {"lines_outside_progress_bars": counts["total"]["lines_outside_progress_bars"],
                        "per_stage": counts["per_stage"], "most_repeated": counts["total"]["most_repeated"][:8]},
-           "stages": stage_rows(args.root, samples)}
+           "stages": stage_rows(args.root, samples), "metrics": headline_metrics(args.root)}
     record = json.loads(args.out.read_text()) if args.out.is_file() else {
         "what": "the default pipeline end to end (benchmarks/repro_speed.py)", "runs": {}}
     record["runs"][args.label] = run
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
-    print(table(record["runs"]))
+    print(table(record["runs"], args.compare))
 
 
 if __name__ == "__main__":
