@@ -23,9 +23,13 @@ help:
 	@echo "                 APP_ARGS='--port 8080 --model ID=CHECKPOINT --gallery ID=PATH', see sbir app --help)"
 	@echo "make sweep SWEEP=estimator_weights - Ray Tune sweep of pipelines/sweeps/<SWEEP>.yaml (docs/sweeps.md)"
 
+# pip's output goes to a log (this machine's pip config alone adds ~250 warning lines about index folders
+# it cannot find); a failed install prints the log's tail and stops.
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	@echo "installing the pinned packages into $(VENV) (once; log: $(VENV)/install.log)"
+	@$(BIN)/python -m pip install -c requirements.lock -e ".[dev]" > $(VENV)/install.log 2>&1 \
+		|| { tail -n 40 $(VENV)/install.log; echo "pip install failed: the whole log is $(VENV)/install.log"; exit 1; }
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

@@ -49,6 +49,8 @@ def crossx_map(params: Path, outputs: Path) -> float:
 
 
 def one_run(params: Path, seed: int, mode: str, work: Path, sets: list[str]) -> dict:
+    """reconstruct + distill + scoring of one seed; ``mode`` names the run (a synthesis mode, or a
+    ``--variant`` whose overrides are in ``sets``)."""
     from sbir.config import load_params
     from sbir.stage import run_stage
 
@@ -62,7 +64,9 @@ def one_run(params: Path, seed: int, mode: str, work: Path, sets: list[str]) -> 
     if not link.exists():
         link.symlink_to(teachers)
     argv = ["--params", str(params), "--no-mlflow", "--set", "ray.num_workers=0", "--set", f"seed={seed}",
-            "--set", f"outputs_dir={outputs}", "--set", f"reconstruct.synthesis={mode}"]
+            "--set", f"outputs_dir={outputs}"]
+    if mode in MODES:
+        argv += ["--set", f"reconstruct.synthesis={mode}"]
     for s in sets:
         argv += ["--set", s]
     start = time.time()
@@ -87,12 +91,18 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--work", type=Path, default=REPO / "ray_results/fast_synthesis")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="params override for every run")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
+                        help="another recipe, run beside the modes and compared with the alternation, e.g. "
+                             "lean:reconstruct.steps=100,reconstruct.batch_size=32,distill.replay_fraction=1.0")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/fast_synthesis.json")
     args = parser.parse_args()
+    variants = {name: sets.split(",") for name, sets in (v.split(":", 1) for v in args.variant)}
+    args.names = list(args.modes) + list(variants)
     runs = []
     for seed in args.seeds:
-        for mode in args.modes:
-            run = one_run(args.params.resolve(), seed, mode, args.work, args.sets)
+        for name in args.names:
+            run = one_run(args.params.resolve(), seed, name, args.work, args.sets + variants.get(name, []))
+            run["overrides"] = variants.get(name, [])
             runs.append(run)
             print(json.dumps(run), flush=True)
             write(args, runs)  # after every run: an interrupted benchmark keeps what it measured
@@ -100,14 +110,18 @@ def main() -> None:
 
 def write(args: argparse.Namespace, runs: list[dict]) -> None:
     summary = {m: {k: stats([r[k] for r in runs if r["mode"] == m]) for k in ("mAP@all", "synthesis_seconds")}
-               for m in args.modes if any(r["mode"] == m for r in runs)}
-    per_seed = {}
+               for m in args.names if any(r["mode"] == m for r in runs)}
+    per_seed: dict = {}  # each recipe against the alternation of the same seed: time saved, mAP kept
     for seed in args.seeds:
-        pair = [next((r for r in runs if r["seed"] == seed and r["mode"] == m), None) for m in MODES]
-        if all(pair):
-            alt, fast = pair
-            per_seed[seed] = {"time_ratio": round(alt["synthesis_seconds"] / fast["synthesis_seconds"], 2),
-                              "map_ratio": round(fast["mAP@all"] / alt["mAP@all"], 4)}
+        alt = next((r for r in runs if r["seed"] == seed and r["mode"] == "alternation"), None)
+        for other in (r for r in runs if r["seed"] == seed and r["mode"] != "alternation"):
+            if alt is not None:
+                ratios = {"time_ratio": round(alt["synthesis_seconds"] / other["synthesis_seconds"], 2),
+                          "map_ratio": round(other["mAP@all"] / alt["mAP@all"], 4)}
+                if other["mode"] == "fast":  # the layout of the earlier files: per_seed[seed] = fast's ratios
+                    per_seed[seed] = {**per_seed.get(seed, {}), **ratios}
+                else:
+                    per_seed.setdefault(seed, {})[other["mode"]] = ratios
     record = {"what": "fast synthesis vs alternation (benchmarks/fast_synthesis.py)", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "params": str(args.params), "overrides": args.sets, "seeds": args.seeds,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
