@@ -3,6 +3,7 @@
 
     python benchmarks/repro_speed.py --label after [--command "make repro DVC_ARGS=--force"]
     python benchmarks/repro_speed.py --label before --root DIR --replay console.txt --memory mem.txt --wall S
+    python benchmarks/repro_speed.py --label after --collect-only [--root DIR] [--compare A B]
 
 Runs ``--command`` (default: ``make repro DVC_ARGS=--force``, i.e. every stage from a clean start; with Ray
 workers in the params, one Ray instance that ``make`` keeps for the run) in this checkout under a 160x50 pseudo-terminal, as a user
@@ -12,8 +13,11 @@ would, while a thread samples the machine's used memory (MemTotal - MemAvailable
 stage: the wall time, the fit time and where it went (``resources.json``:
 ``trainings[].time_split``: start-up, compute, reports, teardown, when the run recorded it), and the peak
 of the machine's used memory while the stage ran. The console is counted as benchmarks/console_lines.py
-counts it (lines outside progress bars). Stored under ``runs[<label>]`` of the JSON file, so a "before"
-and an "after" sit side by side; the table printed compares the first two labels.
+counts it (lines outside progress bars), and the run's headline metrics (teachers, every method's
+mAP@all, every fine-grained variant's Acc@1/10 and mean rank) go beside its times. Stored under
+``runs[<label>]`` of the JSON file, so a "before" and an "after" sit side by side; the table printed
+compares the first two labels, or ``--compare A B``. ``--collect-only`` re-reads the stages and metrics
+of ``--root`` into an existing run without running anything.
 
 Issue #15: <= 5 min for the whole run, <= 60 console lines outside progress bars.
 """

@@ -83,15 +83,10 @@ def test_embedded_full_is_the_default_pipeline_with_science_budgets():
     script = REPO / "pipelines" / "embedded-full" / "make_dvc_yaml.py"
     check = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    from sbir.config import load_params
+    from sbir.config import flatten, load_params
 
-    def leaves(data, prefix=""):
-        if isinstance(data, dict):
-            return {k: v for key, sub in data.items() for k, v in leaves(sub, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: data}
-
-    default = leaves(load_params(REPO / "params.yaml").model_dump(mode="json"))
-    full = leaves(load_params(REPO / "pipelines" / "embedded-full" / "params.yaml").model_dump(mode="json"))
+    default = flatten(load_params(REPO / "params.yaml"))
+    full = flatten(load_params(REPO / "pipelines" / "embedded-full" / "params.yaml"))
     differ = {k for k in default if default[k] != full[k]}
     assert {"pipeline", "dataset_dir", "outputs_dir"} <= differ
     assert differ <= {"pipeline", "dataset_dir", "outputs_dir", "ray.precision", "teacher_pretrain.epochs",

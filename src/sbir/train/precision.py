@@ -57,13 +57,18 @@ def native_bf16(use_gpu: bool) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def auto_precision(use_gpu: bool) -> str:
+    """What ``precision: auto`` means on this machine: bf16 where native, else fp32."""
+    return "bf16" if native_bf16(use_gpu) else "fp32"
+
+
 def resolve(ray: RayParams) -> RayParams:
     """``ray`` with ``precision: auto`` resolved for this machine (bf16 where native, else fp32); a
     precision given explicitly stays as it is. Stages resolve before Ray starts, so every worker of a
     run computes in the same precision (the driver decides, like ``use_gpu: auto``)."""
     if ray.precision != "auto":
         return ray
-    return ray.model_copy(update={"precision": "bf16" if native_bf16(rt.use_gpu(ray)) else "fp32"})
+    return ray.model_copy(update={"precision": auto_precision(rt.use_gpu(ray))})
 
 
 def check_device(precision: str, device: torch.device | str) -> None:
@@ -135,7 +140,7 @@ class LoopDevice:
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
         if self.precision == "auto":  # a loop called directly (a stage resolves before Ray starts)
-            self.precision = "bf16" if native_bf16(self.device.type == "cuda") else "fp32"
+            self.precision = auto_precision(self.device.type == "cuda")
         self.scaler = grad_scaler(self.device, self.precision)  # also refuses fp16 off CUDA
 
     @classmethod
