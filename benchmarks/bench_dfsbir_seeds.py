@@ -96,9 +96,26 @@ def collect_seed(out: Path, args: argparse.Namespace) -> dict | None:
     seconds = {n: read(d, "stage_metrics.json")["stage_seconds"] for n, d in stage_dirs.items()}
     return {"table": table, "seconds": seconds,
             "teachers": {k: teachers[k] for k in ("photo_teacher_test_acc", "sketch_teacher_test_acc")},
+            "teachers_across_modalities": across_modalities(out, args),
             "classifier_only_best_variant": evaluated["classifier_only_best_variant"],
             "bank": {k: bank[k] for k in ("bank_photo_teacher_acc", "bank_sketch_teacher_acc")},
             "upper_bound": {k: upper[k] for k in ("best_val_mAP@all", "best_step", "steps")}}
+
+
+def across_modalities(out: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Each teacher's test accuracy on the other modality (does a class only it knows reach the other
+    modality's student?), from the seed's teachers."""
+    from sbir.config import load_params
+    from sbir.data.datasets import load_image_set
+    from sbir.data.format import open_dataset
+    from sbir.dfsbir.evaluate import teacher_accuracy_across_modalities
+    from sbir.models.checkpoints import load_teachers
+
+    root = load_params(Path(args.params))
+    ds = open_dataset((REPO / root.dataset_dir).resolve())
+    teachers, blob = load_teachers(str(out / "teacher_pretrain" / "teachers.pt"))
+    return teacher_accuracy_across_modalities(teachers, load_image_set(ds, "sketches", ["test"]),
+                                              load_image_set(ds, "photos", ["test"]), int(blob["params"]["image_size"]))
 
 
 def methods(args: argparse.Namespace) -> tuple[str, ...]:

@@ -4,13 +4,14 @@
     python benchmarks/fast_synthesis.py [--params params.yaml] [--seeds 0 1 2] [--work DIR]
                                         [--set key=value ...] [--out benchmarks/results/fast_synthesis.json]
 
-For every seed and each ``reconstruct.synthesis`` mode (``alternation``, ``fast``) it runs reconstruct and
+For every seed and each ``reconstruct.synthesis`` mode given (``alternation``, ``fast``, ``reptile``) it runs reconstruct and
 distill (in-process, ``ray.num_workers: 0``, MLflow off) from the pipeline's trained teachers
 (``<outputs_dir>/teacher_pretrain``, linked: run ``make repro PIPELINE=pipelines/embedded-full/dvc.yaml``
 first, or pass ``--params params.yaml`` after ``make repro``), then scores the students on the
 test split as the evaluate stage does (sketch -> photo mAP@all). Synthesis time is what the stages
-report as ``synthesis_seconds``: reconstruct's estimator updates plus its bank, and distill's estimator
-updates plus the fresh pairs it draws each round (student training is not synthesis). Issue #15 asks
+report as ``synthesis_seconds``: reconstruct's estimator updates plus drawing its bank (not the bank's PNG
+encoding or the grid), and distill's estimator updates plus the fresh pairs it draws each round (student
+training is not synthesis). Issue #15 asks
 for >= 10x less synthesis time at >= 0.95x the alternation's mAP@all, over 3 seeds.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 FULL_PARAMS = REPO / "pipelines" / "embedded-full" / "params.yaml"  # the science budgets (the default cuts them)
 sys.path.insert(0, str(REPO / "src"))
 
-MODES = ("alternation", "fast")
+MODES = ("alternation", "fast", "reptile")
 
 
 def crossx_map(params: Path, outputs: Path) -> float:
@@ -88,7 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=FULL_PARAMS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=["alternation", "fast"], choices=MODES)
     parser.add_argument("--work", type=Path, default=REPO / "ray_results/fast_synthesis")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="params override for every run")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
@@ -116,12 +117,18 @@ def write(args: argparse.Namespace, runs: list[dict]) -> None:
         alt = next((r for r in runs if r["seed"] == seed and r["mode"] == "alternation"), None)
         for other in (r for r in runs if r["seed"] == seed and r["mode"] != "alternation"):
             if alt is not None:
-                ratios = {"time_ratio": round(alt["synthesis_seconds"] / other["synthesis_seconds"], 2),
-                          "map_ratio": round(other["mAP@all"] / alt["mAP@all"], 4)}
-                if other["mode"] == "fast":  # the layout of the earlier files: per_seed[seed] = fast's ratios
-                    per_seed[seed] = {**per_seed.get(seed, {}), **ratios}
-                else:
-                    per_seed.setdefault(seed, {})[other["mode"]] = ratios
+                per_seed.setdefault(seed, {})[other["mode"]] = {
+                    "time_ratio": round(alt["synthesis_seconds"] / other["synthesis_seconds"], 2),
+                    "map_ratio": round(other["mAP@all"] / alt["mAP@all"], 4)}
+    for name, figures in summary.items():
+        ratios = [per_seed[seed][name] for seed in per_seed if name in per_seed[seed]]
+        if name != "alternation" and ratios and "alternation" in summary:
+            # issue #15's bar: >= 10x less synthesis time on every seed, >= 0.95x the alternation's mean mAP@all
+            mean_ratio = figures["mAP@all"]["mean"] / summary["alternation"]["mAP@all"]["mean"]
+            figures["vs_alternation"] = {
+                "time_ratio_min": min(r["time_ratio"] for r in ratios), "map_ratio_of_means": round(mean_ratio, 4),
+                "map_ratio_min": min(r["map_ratio"] for r in ratios),
+                "meets_issue_15": bool(min(r["time_ratio"] for r in ratios) >= 10 and mean_ratio >= 0.95)}
     record = {"what": "fast synthesis vs alternation (benchmarks/fast_synthesis.py)", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "params": str(args.params), "overrides": args.sets, "seeds": args.seeds,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),

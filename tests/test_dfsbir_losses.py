@@ -74,6 +74,21 @@ def test_bn_prior_zero_at_running_stats():
     prior.remove()
 
 
+
+def test_channel_moments_match_torch_and_their_hand_written_gradient():
+    x = (torch.randn(6, 3, 4, 5, dtype=torch.double) * 2 + 3).requires_grad_(True)
+    mean, var = L.ChannelMoments.apply(x)
+    assert torch.allclose(mean, x.mean((0, 2, 3))) and torch.allclose(var, x.var((0, 2, 3), unbiased=False))
+    assert torch.autograd.gradcheck(L.ChannelMoments.apply, (x,))
+    # bf16 channels-last input (a conv output under autocast): fp32 statistics, a bf16 gradient of its layout
+    xb = x.detach().to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    mean_b, var_b = L.ChannelMoments.apply(xb)
+    assert mean_b.dtype == var_b.dtype == torch.float32
+    (mean_b.sum() + var_b.sum()).backward()
+    xf = xb.detach().float().requires_grad_(True)
+    (xf.mean((0, 2, 3)).sum() + xf.var((0, 2, 3), unbiased=False).sum()).backward()
+    assert xb.grad.dtype == torch.bfloat16 and torch.allclose(xb.grad.float(), xf.grad, rtol=0.02, atol=1e-3)
+
 def test_proxy_anchor_pulls_to_own_proxy_and_kd_zero_when_matching():
     proxies = torch.eye(C, 8)
     loss_fn = L.make_proxy_anchor(C, 8, proxies)

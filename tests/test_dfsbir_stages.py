@@ -148,6 +148,34 @@ def test_class_groups_name_seen_unseen_and_overlap():
                                                             "sketch_only": [3], "unseen": [4]}
 
 
+def test_teacher_accuracy_across_modalities_counts_only_the_classes_a_teacher_knows():
+    import torch
+
+    from sbir.data.datasets import ImageSet
+    from sbir.dfsbir.evaluate import teacher_accuracy_across_modalities
+
+    class ReadsTheMeanPixel(torch.nn.Module):
+        """Predicts class round(mean pixel * 4): photos are drawn to be right, sketches wrong."""
+
+        def __init__(self, known):
+            super().__init__()
+            self.known = torch.isin(torch.arange(5), torch.tensor(known))
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot((x.mean((1, 2, 3)) * 4).round().long(), 5).float()
+
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    photos = ImageSet((labels * 255 // 4).to(torch.uint8).view(5, 1, 1, 1).expand(5, 3, 2, 2).clone(), labels,
+                      [f"p{i}" for i in range(5)])
+    sketches = ImageSet(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), labels, [f"s{i}" for i in range(5)])
+    teachers = type("Teachers", (), {"photo_teacher": ReadsTheMeanPixel([0, 1, 2, 3]),
+                                     "sketch_teacher": ReadsTheMeanPixel([1, 2])})()
+    acc = teacher_accuracy_across_modalities(teachers, sketches, photos, size=None)
+    # sketches are blank (class 0): right only for class 0, which the sketch teacher does not know
+    assert acc == {"photo_teacher/chance": 0.25, "photo_teacher/on_photos": 1.0, "photo_teacher/on_sketches": 0.25,
+                   "sketch_teacher/chance": 0.5, "sketch_teacher/on_photos": 1.0, "sketch_teacher/on_sketches": 0.0}
+
+
 def test_class_ids_outside_the_dataset_are_refused_before_ray(tmp_path, tiny_dataset):
     params = _params(tmp_path, tiny_dataset, {"name": "small_cnn", "width": 8, "depth": 3}, 32,
                      {"photo_classes": [0, 9]})
@@ -192,8 +220,8 @@ def test_teacher_backbone_lr_scale_and_frozen_batchnorm_statistics():
     assert not all(torch.equal(a, b) for a, b in zip(before["modality_net"], stats(teachers.modality_net)))
 
 
-def test_fast_synthesis_adapts_a_meta_learned_initialisation(tmp_path, tiny_dataset):
-    """reconstruct.synthesis: fast meta-learns the estimators' initialisation (meta_steps x inner_steps
+def test_reptile_synthesis_adapts_a_meta_learned_initialisation(tmp_path, tiny_dataset):
+    """reconstruct.synthesis: reptile meta-learns the estimators' initialisation (meta_steps x inner_steps
     updates instead of `steps`); distill adapts a copy every adapt_every rounds and draws its fresh pairs
     from it. Both stages say what their synthesis cost."""
     import torch
@@ -201,14 +229,14 @@ def test_fast_synthesis_adapts_a_meta_learned_initialisation(tmp_path, tiny_data
     from sbir.dfsbir.reconstruct import build_estimators, reptile_update
 
     params = _params(tmp_path, tiny_dataset, {"name": "small_cnn", "width": 8, "depth": 3}, 32)
-    argv = ["--params", params, "--no-mlflow", "--set", "reconstruct.synthesis=fast",
-            "--set", "reconstruct.fast.meta_steps=3", "--set", "reconstruct.fast.adapt_every=2",
+    argv = ["--params", params, "--no-mlflow", "--set", "reconstruct.synthesis=reptile",
+            "--set", "reconstruct.reptile.meta_steps=3", "--set", "reconstruct.reptile.adapt_every=2",
             "--set", "distill.rounds=3"]
     run_stage("teacher_pretrain", argv)
     rec = run_stage("reconstruct", argv)
     out = tmp_path / "outputs"
     history = json.loads((out / "reconstruct/history.json").read_text())
-    assert rec["synthesis"] == "fast" and [h["step"] for h in history] == [0, 1, 2] and rec["synthesis_seconds"] > 0
+    assert rec["synthesis"] == "reptile" and [h["step"] for h in history] == [0, 1, 2] and rec["synthesis_seconds"] > 0
     dist = run_stage("distill", argv)
     assert dist["rounds"] == 3 and dist["synthesis_seconds"] > 0
     curves = json.loads((out / "distill/history.json").read_text())
@@ -223,3 +251,23 @@ def test_fast_synthesis_adapts_a_meta_learned_initialisation(tmp_path, tiny_data
     for old, new, target in zip(before, a.state_dict().values(), b.state_dict().values()):
         if old.is_floating_point():
             assert torch.allclose(new, old + 0.25 * (target - old), atol=1e-6)
+
+
+def test_fast_synthesis_is_a_short_estimator_run_and_distill_on_the_bank_alone(tmp_path, tiny_dataset):
+    """reconstruct.synthesis: fast runs `fast`'s steps, batch size and bank size in place of the top-level
+    ones; distill then trains the students on the bank only (no estimator steps, no fresh pairs)."""
+    params = _params(tmp_path, tiny_dataset, {"name": "small_cnn", "width": 8, "depth": 3}, 32)
+    argv = ["--params", params, "--no-mlflow", "--set", "reconstruct.synthesis=fast",
+            "--set", "reconstruct.fast.steps=3", "--set", "reconstruct.fast.batch_size=6",
+            "--set", "reconstruct.fast.bank_size=10", "--set", "distill.rounds=2"]
+    run_stage("teacher_pretrain", argv)
+    rec = run_stage("reconstruct", argv)
+    out = tmp_path / "outputs"
+    history = json.loads((out / "reconstruct/history.json").read_text())
+    assert rec["synthesis"] == "fast" and rec["bank_size"] == 10 and [h["step"] for h in history] == [0, 1, 2]
+    assert len(read_bank(str(out / "reconstruct/bank.parquet"))["condition"]) == 10
+    dist = run_stage("distill", argv)
+    assert dist["rounds"] == 2
+    curves = json.loads((out / "distill/history.json").read_text())
+    assert curves and not any(k.startswith("est_") for h in curves for k in h)  # no estimator step ran
+    assert all(h["student_total"] > 0 for h in curves)  # the students trained (on the bank)

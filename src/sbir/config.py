@@ -131,10 +131,24 @@ class EstimatorLossWeights(Params):
 
 
 class FastSynthesisParams(Params):
-    """``reconstruct.synthesis: fast``, in the spirit of Fast-Datafree (Fang et al., AAAI 2022): the estimators
-    learn a common initialisation by meta-learning (Reptile: adapt a copy for a few steps to one batch, then
-    move the initialisation towards the adapted copy), and every later batch is made by a copy adapted from
-    it for a few steps only, instead of one pair of estimators trained for hundreds of steps."""
+    """``reconstruct.synthesis: fast``: a short synthesis. The estimators train ``steps`` steps of
+    ``batch_size`` pairs at a higher ``lr`` and write a bank of ``bank_size`` pairs; distill then trains the
+    students on that bank alone (no estimator updates, no fresh pairs: as if ``distill.estimator_steps: 0``
+    and ``distill.replay_fraction: 1``). On the 2-core default, distill's fresh pairs and hardness updates
+    were a third of the alternation's synthesis time and did not change CrossX-DFL (README, issue #15)."""
+
+    steps: int = Field(100, ge=1, description="estimator steps (in place of reconstruct.steps)")
+    batch_size: int = Field(24, ge=2, description="pairs per estimator step (in place of reconstruct.batch_size)")
+    lr: float = Field(3e-3, gt=0, description="estimator lr (in place of reconstruct.lr)")
+    bank_size: int = Field(1024, ge=1, description="pairs in the bank (in place of reconstruct.bank_size)")
+
+
+class ReptileSynthesisParams(Params):
+    """``reconstruct.synthesis: reptile``, in the spirit of Fast-Datafree (Fang et al., AAAI 2022): the
+    estimators learn a common initialisation by meta-learning (Reptile: adapt a copy for a few steps to one
+    batch, then move the initialisation towards the adapted copy), and every later batch is made by a copy
+    adapted from it for a few steps only, instead of one pair of estimators trained for hundreds of steps.
+    Not usable on this bench (README: mAP@all 0.146 against the alternation's 0.847, seed 0)."""
 
     meta_steps: int = Field(8, ge=1, description="reconstruct: meta-learning steps of the common initialisation")
     inner_steps: int = Field(2, ge=1, description="estimator steps that adapt a copy of the initialisation to a batch")
@@ -155,11 +169,20 @@ class ReconstructParams(Params):
     alignment_detach: Literal["none", "photo", "sketch"] = "none"
     bank_size: int = Field(2048, ge=1, description="reconstructed pairs written to the sample bank")
     log_every: int = Field(50, ge=1)
-    synthesis: Literal["alternation", "fast"] = Field(
-        "alternation", description="alternation: the estimators train for `steps` here and one step per distill "
-                                   "round; fast: a meta-learned initialisation adapted a few steps per batch "
-                                   "(`fast`; `steps` unused)")
+    synthesis: Literal["alternation", "fast", "reptile"] = Field(
+        "alternation", description="alternation: the estimators train for `steps` here and `estimator_steps` per "
+                                   "distill round; fast: a short run (`fast` replaces steps, batch_size, lr and "
+                                   "bank_size) and distill on the bank alone; reptile: a meta-learned "
+                                   "initialisation adapted a few steps per batch (`reptile`; `steps` unused)")
     fast: FastSynthesisParams = FastSynthesisParams()
+    reptile: ReptileSynthesisParams = ReptileSynthesisParams()
+
+    def recipe(self) -> "ReconstructParams":
+        """These params as the estimator loop runs them: with ``synthesis: fast``, ``fast``'s steps, batch
+        size, lr and bank size in place of the top-level ones."""
+        if self.synthesis != "fast":
+            return self
+        return self.model_copy(update=self.fast.model_dump())
 
 
 class StudentParams(Params):
@@ -207,6 +230,13 @@ class DistillParams(StudentTrainingParams):
     adversarial_weight: float = Field(1.0, ge=0, description="weight of the adversarial hardness term of the "
                                                              "estimator steps")
     adversarial_bound: float = Field(2.0, gt=0, description="the hardness term is clamped at this KL")
+
+    def for_synthesis(self, synthesis: str) -> "DistillParams":
+        """These params as the distill loop runs them after ``reconstruct.synthesis``: ``fast`` trains the
+        students on the reconstruct stage's bank alone (no estimator steps, no fresh pairs)."""
+        if synthesis != "fast":
+            return self
+        return self.model_copy(update={"estimator_steps": 0, "replay_fraction": 1.0})
 
 
 class UpperBoundParams(StudentTrainingParams):

@@ -149,9 +149,9 @@ class ReconstructedPairs:
         self.bank = SampleBank(read_bank(config["bank_path"]), p.bank_capacity)
         self.p, self.teachers, self.device, self.dev = p, teachers, device, dev
         self.rounds = p.rounds
-        # fast synthesis (reconstruct.synthesis: fast): self.estimators is the common initialisation, and the
-        # fresh pairs come from its latest adapted copy (None until the first adaptation of this run)
-        self.fast = rp.fast if rp.synthesis == "fast" else None
+        # reptile synthesis: self.estimators is the common initialisation, and the fresh pairs come from its
+        # latest adapted copy (None until the first adaptation of this run)
+        self.reptile = rp.reptile if rp.synthesis == "reptile" else None
         self.adapted: EstimatorPair | None = None
         self.last_terms: dict[str, torch.Tensor] = {}
         self.synthesis_seconds = 0.0  # estimator updates and fresh pairs: the synthesis cost of this run
@@ -161,15 +161,15 @@ class ReconstructedPairs:
 
     def estimator_steps(self, students: EncoderPair, proxies: tuple[torch.Tensor, torch.Tensor],
                         gen: torch.Generator, rnd: int, sums: dict[str, float]) -> None:
-        """k estimator steps: make samples the current students get wrong (bounded). Fast synthesis: every
+        """k estimator steps: make samples the current students get wrong (bounded). Reptile synthesis: every
         ``adapt_every`` rounds, a copy of the initialisation adapted with the hardness term instead."""
         p = self.p
         t0 = time.time()
         students.eval().requires_grad_(False)
         self.estimators.train()
-        if self.fast is not None:
+        if self.reptile is not None:
             self.adapt(students, proxies, gen, rnd, sums)
-        for _ in range(p.estimator_steps if self.fast is None else 0):
+        for _ in range(p.estimator_steps if self.reptile is None else 0):
             z, y = self.estimators.sample_inputs(p.batch_size, gen, self.device)
             with self.dev.autocast():
                 x_p, x_s = self.estimators(z, y)
@@ -183,13 +183,13 @@ class ReconstructedPairs:
 
     def adapt(self, students: EncoderPair, proxies: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator,
               rnd: int, sums: dict[str, float]) -> None:
-        """Fast synthesis: adapt a copy of the initialisation (every ``adapt_every`` rounds), move the
+        """Reptile synthesis: adapt a copy of the initialisation (every ``adapt_every`` rounds), move the
         initialisation towards it; the est_ curves show the latest adaptation's terms."""
-        if rnd % self.fast.adapt_every == 0 or self.adapted is None:
-            self.adapted, _, terms, _, _ = adapt(self.estimators, self.objective, self.fast, self.p.batch_size, gen,
+        if rnd % self.reptile.adapt_every == 0 or self.adapted is None:
+            self.adapted, _, terms, _, _ = adapt(self.estimators, self.objective, self.reptile, self.p.batch_size, gen,
                                                  self.dev, rnd, "distill/estimators", students=students,
                                                  proxies=proxies, proxy_scale=PROXY_SCALE)
-            reptile_update(self.estimators, self.adapted, self.fast.meta_lr)
+            reptile_update(self.estimators, self.adapted, self.reptile.meta_lr)
             self.last_terms = {k: v.detach() for k, v in terms.items()}
         add_to(sums, "est_", self.last_terms, 1)
 
@@ -277,7 +277,7 @@ def student_steps(students: EncoderPair, proxies: L.StudentProxies, opt: torch.o
 
 def distill_loop(config: dict) -> None:
     device = rt.setup_worker(config)
-    p: DistillParams = config["params"]
+    p: DistillParams = config["params"].for_synthesis(config["reconstruct_params"].synthesis)
     seed = int(config["seed"])
     torch.manual_seed(seed)
     teachers, blob = load_teachers(config["teachers_path"], device)

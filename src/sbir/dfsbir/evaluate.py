@@ -42,6 +42,23 @@ def classifier_embeddings(teachers, sketches: ImageSet, photos: ImageSet, size: 
     return out
 
 
+def teacher_accuracy_across_modalities(teachers, sketches: ImageSet, photos: ImageSet, size: int | None,
+                                       batch: int = 256) -> dict[str, float]:
+    """Each teacher's test accuracy on its own modality and on the other one, over the classes it knows
+    (and chance over those). A class only one teacher knows reaches the other modality's student in
+    data-free training only through this: the reconstructions of the other modality are judged by their
+    own teacher alone, so a teacher at chance on the other modality carries no class signal across."""
+    out: dict[str, float] = {}
+    for name, teacher in (("photo_teacher", teachers.photo_teacher), ("sketch_teacher", teachers.sketch_teacher)):
+        known = teacher.known.cpu()
+        out[f"{name}/chance"] = round(1.0 / int(known.sum()), 4)
+        for modality, images in (("photos", photos), ("sketches", sketches)):
+            rows = known[images.labels]
+            logits = embed(teacher, images.images[rows], size=size, batch=batch)
+            out[f"{name}/on_{modality}"] = round(float((logits.argmax(1) == images.labels[rows]).float().mean()), 4)
+    return out
+
+
 def class_groups(teachers) -> dict[str, list[int]]:
     """The class-split studies' groups (empty when both teachers know every class): classes both
     teachers know (``shared``; ``seen`` when the lists are equal), only the photo or the sketch teacher
