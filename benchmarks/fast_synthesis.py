@@ -95,10 +95,18 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
                         help="another recipe, run beside the modes and compared with the alternation, e.g. "
                              "lean:reconstruct.steps=100,reconstruct.batch_size=32,distill.replay_fraction=1.0")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the short untimed run of each recipe before the measured ones")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/fast_synthesis.json")
     args = parser.parse_args()
     variants = {name: sets.split(",") for name, sets in (v.split(":", 1) for v in args.variant)}
     args.names = list(args.modes) + list(variants)
+    if args.warmup:  # the first runs of a process pay oneDNN's kernel creation for each new shape (~10 s here)
+        for name in args.names:
+            one_run(args.params.resolve(), args.seeds[0], f"warmup_{name}", args.work, args.sets + variants.get(name, [])
+                    + ([f"reconstruct.synthesis={name}"] if name in MODES else [])
+                    + ["reconstruct.steps=10", "reconstruct.fast.steps=10", "reconstruct.reptile.meta_steps=2",
+                       "distill.rounds=3"])
     runs = []
     for seed in args.seeds:
         for name in args.names:
@@ -130,7 +138,7 @@ def write(args: argparse.Namespace, runs: list[dict]) -> None:
                 "map_ratio_min": min(r["map_ratio"] for r in ratios),
                 "meets_issue_15": bool(min(r["time_ratio"] for r in ratios) >= 10 and mean_ratio >= 0.95)}
     record = {"what": "fast synthesis vs alternation (benchmarks/fast_synthesis.py)", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "params": str(args.params), "overrides": args.sets, "seeds": args.seeds,
+              "params": str(args.params), "overrides": args.sets, "seeds": args.seeds, "warmup": args.warmup,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "load_average_end": list(os.getloadavg())},
               "summary": summary, "per_seed": per_seed, "runs": runs}

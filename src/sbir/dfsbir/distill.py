@@ -3,7 +3,8 @@
 Each round alternates k estimator steps (the full estimator objective, now with the bounded
 adversarial term against the current students) and m student steps on batches that mix freshly
 reconstructed pairs with pairs replayed from the sample bank (a memory bank, as in fast data-free
-KD). Student objective:
+KD). With ``reconstruct.synthesis: fast`` there is no alternation: the students learn from the bank
+alone (:meth:`sbir.config.DistillParams.for_synthesis`). Student objective:
 
 * Proxy-Anchor against proxies initialised from the teachers' final-layer rows (shared by both students
   or each student's own teacher's: ``proxy_init``), labels = the teachers' predictions on the samples,
