@@ -7,7 +7,7 @@ runs in fp32, also inside a mixed-precision loop (:func:`sbir.train.precision.fp
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -90,10 +90,9 @@ class ChannelMoments(torch.autograd.Function):
     """Per-channel batch mean and (biased) variance of an N×C×H×W tensor, in fp32 whatever the input's
     dtype, with the analytic backward ``dL/dx = (g_mean + 2 g_var (x - mean)) / (N·H·W)``.
 
-    Written by hand because autograd's ``var`` backward was most of the BN prior's cost: the prior's hooks
-    took 45% of a reconstruct step (batch 64: 110 ms with the prior, 60 without; ``Tensor.var`` plus its
-    backward 9.9 ms on a 64×32×32×32 channels-last bf16 tensor, this function 2.5 ms). The variance is the
-    two-pass one (mean first), as ``Tensor.var`` computes it."""
+    Written by hand because autograd's ``var`` backward was most of the BN prior's cost: with ``Tensor.mean``
+    and ``Tensor.var`` the prior's hooks took 48% of a batch-64 reconstruct step, with this 27%
+    (benchmarks/bn_prior.py). The variance is the two-pass one (mean first), as ``Tensor.var`` computes it."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +118,8 @@ class BNStatsPrior:
     forward pass of reconstructed samples, :meth:`remove` when done.
     """
 
-    def __init__(self, network: nn.Module, moments=None) -> None:
+    def __init__(self, network: nn.Module,
+                 moments: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         # moments: x -> (per-channel mean, variance); ChannelMoments unless told (benchmarks/bn_prior.py)
         self.moments = moments or ChannelMoments.apply
         self.terms: list[torch.Tensor] = []
