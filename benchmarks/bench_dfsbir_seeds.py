@@ -23,6 +23,7 @@ accuracies and stage times.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -105,17 +106,23 @@ def collect_seed(out: Path, args: argparse.Namespace) -> dict | None:
 def across_modalities(out: Path, args: argparse.Namespace) -> dict[str, float]:
     """Each teacher's test accuracy on the other modality (does a class only it knows reach the other
     modality's student?), from the seed's teachers."""
-    from sbir.config import load_params
-    from sbir.data.datasets import load_image_set
-    from sbir.data.format import open_dataset
     from sbir.dfsbir.evaluate import teacher_accuracy_across_modalities
     from sbir.models.checkpoints import load_teachers
 
-    root = load_params(Path(args.params))
-    ds = open_dataset((REPO / root.dataset_dir).resolve())
     teachers, blob = load_teachers(str(out / "teacher_pretrain" / "teachers.pt"))
-    return teacher_accuracy_across_modalities(teachers, load_image_set(ds, "sketches", ["test"]),
-                                              load_image_set(ds, "photos", ["test"]), int(blob["params"]["image_size"]))
+    sketches, photos = test_sets(args.params)
+    return teacher_accuracy_across_modalities(teachers, sketches, photos, int(blob["params"]["image_size"]))
+
+
+@functools.lru_cache(maxsize=1)
+def test_sets(params: str):
+    """The params' test sketches and photos, read once for every seed and method."""
+    from sbir.config import load_params
+    from sbir.data.datasets import load_image_set
+    from sbir.data.format import open_dataset
+
+    ds = open_dataset((REPO / load_params(Path(params)).dataset_dir).resolve())
+    return load_image_set(ds, "sketches", ["test"]), load_image_set(ds, "photos", ["test"])
 
 
 def methods(args: argparse.Namespace) -> tuple[str, ...]:
@@ -137,16 +144,12 @@ def metric_keys(split: str) -> list[str]:
 def evaluate_students(students_path: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
     """The evaluate stage's metrics for one more set of students (same split, same embedding code)."""
     from sbir.config import load_params
-    from sbir.data.datasets import load_image_set
-    from sbir.data.format import open_dataset
     from sbir.dfsbir.evaluate import class_groups, group_metrics, method_embeddings
     from sbir.metrics import category_retrieval_metrics
     from sbir.models.checkpoints import load_teachers
 
-    root = load_params(Path(args.params))
-    p = root.evaluate
-    ds = open_dataset((REPO / root.dataset_dir).resolve())
-    sketches, photos = load_image_set(ds, "sketches", ["test"]), load_image_set(ds, "photos", ["test"])
+    p = load_params(Path(args.params)).evaluate
+    sketches, photos = test_sets(args.params)
     emb = method_embeddings(sketches, photos, out / "teacher_pretrain" / "teachers.pt", {"m": students_path},
                             p.batch_size)["m"]
     metrics = category_retrieval_metrics(emb[0], sketches.labels, emb[1], photos.labels, ks_map=p.map_ks,

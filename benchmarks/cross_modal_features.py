@@ -34,14 +34,13 @@ sys.path.insert(0, str(REPO / "src"))
 GROUPS = {"all": list(range(12)), "unseen": [9, 10, 11], "photo_only": [0, 1, 2, 3], "sketch_only": [8, 9, 10, 11]}
 
 
-def imagenet_embedding(images, size: int, batch: int = 64):
-    """Pooled EfficientNet-Lite0 ImageNet features of uint8 images (grey repeated to RGB), resized to ``size``."""
+def imagenet_embedding(net, images, size: int, batch: int = 64):
+    """Pooled features of the ImageNet ``net`` for uint8 images (grey repeated to RGB), resized to ``size``."""
     import torch
     import torch.nn.functional as F
 
-    from sbir.models.pretrained import LITE_MEAN, LITE_STD, efficientnet_lite0, packaged_weights_file
+    from sbir.models.pretrained import LITE_MEAN, LITE_STD
 
-    net = efficientnet_lite0(0, packaged_weights_file()).eval()
     mean, std = torch.tensor(LITE_MEAN).view(1, 3, 1, 1), torch.tensor(LITE_STD).view(1, 3, 1, 1)
     out = []
     with torch.no_grad():
@@ -101,9 +100,12 @@ def main() -> None:
             teachers, sketches, photos, int(blob["params"]["image_size"]))}
     else:
         print(f"{teachers_path}: no teachers (run the params' pipeline first); the teacher probe is left out")
+    from sbir.models.pretrained import efficientnet_lite0, packaged_weights_file
+
+    net = efficientnet_lite0(0, packaged_weights_file()).eval()  # loaded once for every size and modality
     record["imagenet"] = {}
     for size in args.sizes:
-        q, g = imagenet_embedding(sketches.images, size), imagenet_embedding(photos.images, size)
+        q, g = imagenet_embedding(net, sketches.images, size), imagenet_embedding(net, photos.images, size)
         record["imagenet"][str(size)] = group_maps(q, sketches.labels, g, photos.labels, root.evaluate.batch_size)
     print(json.dumps(record.get("teachers", {}), indent=1))
     print("| ImageNet EfficientNet-Lite0, no training: input px | " + " | ".join(GROUPS) + " |")
