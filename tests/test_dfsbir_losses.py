@@ -133,6 +133,30 @@ def test_estimator_objective_gradient_reaches_estimators_only():
     assert all(p.grad is None for p in students.parameters())
 
 
+def test_estimator_objective_judges_with_the_classes_each_teacher_knows():
+    """Class-split teachers: the estimator objective's class terms use the masked logits, as the teachers'
+    forward gives them. The head rows of classes a teacher never saw were never trained; raw, a large one
+    would own the class terms (seen with pretrained teachers: semantic cross-entropy ~1,000 and a bank at
+    chance)."""
+    torch.manual_seed(0)
+    tp = TeacherParams(backbone=BackboneParams(width=8, depth=3), modality_backbone=BackboneParams(width=4, depth=2),
+                       photo_classes=[0, 1, 2], sketch_classes=[0, 1, 2])
+    teachers = TeacherSet(tp, C).eval().requires_grad_(False)
+    with torch.no_grad():  # the unseen class's untrained row outscores every known class
+        for t in (teachers.photo_teacher, teachers.sketch_teacher):
+            t.head.bias[3] = 50.0
+    rp = ReconstructParams(latent_dim=8, estimator_width=4, weights={"bn_prior": 0.0})
+    estimators = EstimatorPair(8, C, 4, 16)
+    estimators.classes = teachers.known_classes()
+    z, y = estimators.sample_inputs(8)
+    x_p, x_s = estimators(z, y)
+    _, terms, out = EstimatorObjective(teachers, rp)(x_p, x_s, y, z)
+    with torch.no_grad():
+        masked_p, masked_s = teachers.photo_teacher(x_p), teachers.sketch_teacher(x_s)
+    assert torch.equal(out["photo_logits"], masked_p) and torch.equal(out["sketch_logits"], masked_s)
+    expected = torch.nn.functional.cross_entropy(masked_p, y) + torch.nn.functional.cross_entropy(masked_s, y)
+    assert torch.allclose(terms["semantic_ce"], expected) and terms["semantic_ce"] < 10
+
 def test_sample_bank_ring_buffer_keeps_newest():
     from sbir.dfsbir.distill import SampleBank
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from sbir.config import DistillParams, ReconstructParams, StudentTrainingParams
 from sbir.dfsbir import losses as L
 from sbir.dfsbir.reconstruct import EstimatorObjective, adapt, build_estimators, read_bank, reptile_update
-from sbir.models.backbones import UNKNOWN_CLASS_LOGIT, Classifier, EncoderPair, to_float
+from sbir.models.backbones import EncoderPair, to_float
 from sbir.models.checkpoints import TeacherSet, build_students, load_teachers, read_checkpoint
 from sbir.models.estimators import EstimatorPair
 from sbir.train import runtime as rt
@@ -86,7 +86,7 @@ def student_losses(students: EncoderPair, proxies: L.StudentProxies, teachers: T
         # Classifier.forward and Encoder.forward, split after the backbone features they share
         with torch.no_grad():
             f_p, f_s = teachers.photo_teacher.features(x_p), teachers.sketch_teacher.features(x_s)
-            lt_p, lt_s = (_masked(t, t.head(f)) for t, f in ((teachers.photo_teacher, f_p), (teachers.sketch_teacher, f_s)))
+            lt_p, lt_s = teachers.photo_teacher.logits(f_p), teachers.sketch_teacher.logits(f_s)
         e_p = F.normalize(students.photo_encoder.project(f_p), dim=-1)
         e_s = F.normalize(students.sketch_encoder.project(f_s), dim=-1)
         return _student_terms(e_p, e_s, lt_p, lt_s, proxies, p, labels_p, labels_s)
@@ -96,11 +96,6 @@ def student_losses(students: EncoderPair, proxies: L.StudentProxies, teachers: T
     with torch.no_grad():
         lt_p, lt_s = teachers.photo_teacher(x_p), teachers.sketch_teacher(x_s)
     return _student_terms(e_p, e_s, lt_p, lt_s, proxies, p, labels_p, labels_s)
-
-
-def _masked(teacher: Classifier, logits: torch.Tensor) -> torch.Tensor:
-    """A teacher's logits with the classes it never saw fixed, as :meth:`Classifier.forward` gives them."""
-    return logits if bool(teacher.known.all()) else logits.masked_fill(~teacher.known, UNKNOWN_CLASS_LOGIT)
 
 
 def _student_terms(e_p: torch.Tensor, e_s: torch.Tensor, lt_p: torch.Tensor | None, lt_s: torch.Tensor | None,

@@ -54,7 +54,7 @@ class EstimatorObjective:
         for prior in self.bn_priors:
             prior.reset()
         f_p, f_s = t.photo_teacher.features(x_p), t.sketch_teacher.features(x_s)
-        l_p, l_s = t.photo_teacher.head(f_p), t.sketch_teacher.head(f_s)
+        l_p, l_s = t.photo_teacher.logits(f_p), t.sketch_teacher.logits(f_s)
         # class-split studies: each teacher judges only the classes it knows; alignment needs both
         known_p, known_s = t.photo_teacher.known[y], t.sketch_teacher.known[y]
         terms = {

@@ -159,9 +159,14 @@ class Classifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalise(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features(x))
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The class logits of :meth:`features`' output, the classes it never saw fixed at UNKNOWN_CLASS_LOGIT
+        (their head rows were never trained: raw, they can outscore every known class)."""
+        logits = self.head(features)
         return logits if bool(self.known.all()) else logits.masked_fill(~self.known, UNKNOWN_CLASS_LOGIT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(x))
 
 
 class Encoder(nn.Module):
