@@ -157,6 +157,23 @@ def test_estimator_objective_judges_with_the_classes_each_teacher_knows():
     expected = torch.nn.functional.cross_entropy(masked_p, y) + torch.nn.functional.cross_entropy(masked_s, y)
     assert torch.allclose(terms["semantic_ce"], expected) and terms["semantic_ce"] < 10
 
+
+def test_class_alignment_of_overlapping_teachers_compares_the_classes_both_know():
+    """Photo teacher on classes 0-2, sketch teacher on 1-3: the pair's alignment is the KL over classes 1-2
+    (over all four, each teacher's mass on a class the other never saw meets a -1e4 logit: KL ~ 1e3+)."""
+    torch.manual_seed(0)
+    tp = TeacherParams(backbone=BackboneParams(width=8, depth=3), modality_backbone=BackboneParams(width=4, depth=2),
+                       photo_classes=[0, 1, 2], sketch_classes=[1, 2, 3])
+    teachers = TeacherSet(tp, C).eval().requires_grad_(False)
+    rp = ReconstructParams(latent_dim=8, estimator_width=4, weights={"bn_prior": 0.0})
+    estimators = EstimatorPair(8, C, 4, 16)
+    z, y = estimators.sample_inputs(16)
+    x_p, x_s = estimators(z, y)
+    _, terms, out = EstimatorObjective(teachers, rp)(x_p, x_s, y, z)
+    both = (y == 1) | (y == 2)
+    expected = L.class_alignment(out["photo_logits"][both][:, 1:3], out["sketch_logits"][both][:, 1:3])
+    assert torch.allclose(terms["class_alignment"], expected) and terms["class_alignment"] < 10
+
 def test_sample_bank_ring_buffer_keeps_newest():
     from sbir.dfsbir.distill import SampleBank
 

@@ -55,14 +55,17 @@ class EstimatorObjective:
             prior.reset()
         f_p, f_s = t.photo_teacher.features(x_p), t.sketch_teacher.features(x_s)
         l_p, l_s = t.photo_teacher.logits(f_p), t.sketch_teacher.logits(f_s)
-        # class-split studies: each teacher judges only the classes it knows; alignment needs both
+        # class-split studies: each teacher judges only the classes it knows; alignment needs both, and compares
+        # the two distributions over the classes both know (the masked ones have no common support: KL explodes)
         known_p, known_s = t.photo_teacher.known[y], t.sketch_teacher.known[y]
+        shared = t.photo_teacher.known & t.sketch_teacher.known
         terms = {
             "semantic_ce": on_rows(known_p, L.semantic_ce, l_p, y) + on_rows(known_s, L.semantic_ce, l_s, y),
             "class_balance": L.class_balance(l_p) + L.class_balance(l_s),
             "activation": L.activation(f_p) + L.activation(f_s),
             "modality": L.modality_guidance(t.modality_net(x_p), t.modality_net(x_s)),
-            "class_alignment": on_rows(known_p & known_s, L.class_alignment, l_p, l_s, detach=self.p.alignment_detach),
+            "class_alignment": on_rows(known_p & known_s, L.class_alignment, *on_columns(shared, l_p, l_s),
+                                       detach=self.p.alignment_detach),
         }
         if w.diversity > 0:
             terms["diversity"] = L.diversity(x_p, z) + L.diversity(x_s[:, :1], z)
@@ -85,6 +88,11 @@ def on_rows(mask: torch.Tensor, term, *tensors: torch.Tensor, **kwargs) -> torch
     if not bool(mask.any()):
         return tensors[0].sum() * 0.0
     return term(*(x[mask] for x in tensors), **kwargs)
+
+
+def on_columns(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors' columns where ``mask`` holds (all: the tensors as they are)."""
+    return tensors if bool(mask.all()) else tuple(x[:, mask] for x in tensors)
 
 
 def build_estimators(p: ReconstructParams, num_classes: int, image_size: int,
