@@ -1,5 +1,6 @@
-"""The benchmark collectors' bookkeeping: what benchmarks/real_data.py keeps and what
-benchmarks/teacher_recipes.py averages (no pipeline or stage runs here)."""
+"""The benchmark collectors' bookkeeping: what benchmarks/real_data.py keeps, what
+benchmarks/teacher_recipes.py averages and how benchmarks/generic_features.py combines and picks
+(no pipeline or stage runs here)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-import real_data  # noqa: E402  (benchmarks/ is not a package)
+import generic_features  # noqa: E402  (benchmarks/ is not a package)
+import real_data  # noqa: E402
 import teacher_recipes  # noqa: E402
 
 
@@ -62,3 +64,21 @@ def test_teacher_recipes_spell_out_the_settings_they_compare():
             continue
         keys = {s.split("=")[0] for s in sets}
         assert {f"teacher_pretrain.{k}" for k in ("lr", "backbone_lr_scale", "batch_size", "epochs")} <= keys, name
+
+
+def test_generic_features_fuse_two_cosines_with_the_generic_one_weighted():
+    import torch
+
+    a, b = torch.randn(5, 4), torch.randn(5, 7)
+    f = generic_features.fused(a, b, 0.5)
+    assert f.shape == (5, 11)
+    sim, parts = f @ f.T, (torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1))
+    assert torch.allclose(sim, parts[0] @ parts[0].T + 0.25 * parts[1] @ parts[1].T, atol=1e-6)
+
+
+def test_generic_features_fold_the_classifier_variants_into_the_best_one_per_suffix():
+    scores = {"crossx_dfl": 0.5, "classifier_only": 0.6, "classifier_only_t2": 0.7,
+              "classifier_only+generic@1": 0.9, "classifier_only_t2+generic@1": 0.8, "crossx_dfl+generic@1": 0.65}
+    out = generic_features.best_classifier(scores, [1.0])
+    assert out == {"crossx_dfl": 0.5, "crossx_dfl+generic@1": 0.65, "classifier_only_best": 0.7,
+                   "classifier_only_best+generic@1": 0.9}
