@@ -174,6 +174,7 @@ def test_class_alignment_of_overlapping_teachers_compares_the_classes_both_know(
     expected = L.class_alignment(out["photo_logits"][both][:, 1:3], out["sketch_logits"][both][:, 1:3])
     assert torch.allclose(terms["class_alignment"], expected) and terms["class_alignment"] < 10
 
+
 def test_sample_bank_ring_buffer_keeps_newest():
     from sbir.dfsbir.distill import SampleBank
 
