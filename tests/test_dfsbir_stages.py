@@ -253,18 +253,46 @@ def test_reptile_synthesis_adapts_a_meta_learned_initialisation(tmp_path, tiny_d
             assert torch.allclose(new, old + 0.25 * (target - old), atol=1e-6)
 
 
+def test_synthesis_pool_keeps_the_newest_pairs_with_their_steps_teacher_labels():
+    """fast.bank: pool keeps the last `size` pairs made while training, oldest first, labelled by the logits
+    of the step that made them, as the bank stores images (uint8, one sketch channel)."""
+    import torch
+
+    from sbir.dfsbir.reconstruct import SynthesisPool
+
+    pool = SynthesisPool(10)
+    for step in range(3):
+        x_p, x_s = torch.full((6, 3, 8, 8), step / 4), torch.full((6, 3, 8, 8), 1 - step / 4)
+        y = torch.arange(6) + 10 * step
+        logits = torch.nn.functional.one_hot(y % 4, 4).float() * 5
+        pool.add(x_p, x_s, y, {"photo_logits": logits, "sketch_logits": logits.flip(1)})
+    pairs = pool.pairs()
+    assert pairs["condition"].tolist() == [12, 13, 14, 15, 20, 21, 22, 23, 24, 25]  # the newest 10, in order
+    assert pool.rows() == 12  # the oldest batch is dropped once the newer ones fill the pool
+    assert pairs["photo"].dtype == torch.uint8 and pairs["photo"].shape == (10, 3, 8, 8)
+    assert pairs["sketch"].shape == (10, 1, 8, 8) and int(pairs["sketch"][-1].max()) == round(0.5 * 255)
+    assert pairs["photo_teacher_label"].tolist() == (pairs["condition"] % 4).tolist()
+    assert pairs["sketch_teacher_label"].tolist() == (3 - pairs["condition"] % 4).tolist()
+    assert torch.all(pairs["photo_teacher_conf"] > 0.9)
+    restored = SynthesisPool(10, pairs)  # a resumed run starts from the checkpoint's pool
+    assert restored.pairs()["condition"].tolist() == pairs["condition"].tolist()
+
+
 def test_fast_synthesis_is_a_short_estimator_run_and_distill_on_the_bank_alone(tmp_path, tiny_dataset):
-    """reconstruct.synthesis: fast runs `fast`'s steps, batch size and bank size in place of the top-level
-    ones; distill then trains the students on the bank only (no estimator steps, no fresh pairs)."""
+    """reconstruct.synthesis: fast runs `fast`'s steps, batch size, bank size and modality weight in place of
+    the top-level ones; distill then trains the students on the bank only (no estimator steps, no fresh pairs) for
+    `fast.distill_rounds` rounds in place of distill.rounds."""
     params = _params(tmp_path, tiny_dataset, {"name": "small_cnn", "width": 8, "depth": 3}, 32)
     argv = ["--params", params, "--no-mlflow", "--set", "reconstruct.synthesis=fast",
             "--set", "reconstruct.fast.steps=3", "--set", "reconstruct.fast.batch_size=6",
-            "--set", "reconstruct.fast.bank_size=10", "--set", "distill.rounds=2"]
+            "--set", "reconstruct.fast.bank_size=10", "--set", "reconstruct.fast.distill_rounds=2"]
     run_stage("teacher_pretrain", argv)
     rec = run_stage("reconstruct", argv)
     out = tmp_path / "outputs"
     history = json.loads((out / "reconstruct/history.json").read_text())
     assert rec["synthesis"] == "fast" and rec["bank_size"] == 10 and [h["step"] for h in history] == [0, 1, 2]
+    assert rec["bank_source"] == "pool"  # the last 10 of the 18 pairs made while training
+    assert "modality" not in history[0] and "class_alignment" in history[0]  # fast.modality_weight 0: not run
     assert len(read_bank(str(out / "reconstruct/bank.parquet"))["condition"]) == 10
     dist = run_stage("distill", argv)
     assert dist["rounds"] == 2

@@ -132,15 +132,28 @@ class EstimatorLossWeights(Params):
 
 class FastSynthesisParams(Params):
     """``reconstruct.synthesis: fast``: a short synthesis. The estimators train ``steps`` steps of
-    ``batch_size`` pairs at a higher ``lr`` and write a bank of ``bank_size`` pairs; distill then trains the
+    ``batch_size`` pairs at a higher ``lr`` (without the modality term unless ``modality_weight``) and write a bank of ``bank_size`` pairs (``bank: pool``: the last
+    pairs they made while training, with no pass of their own); distill then trains the
     students on that bank alone (no estimator updates, no fresh pairs: as if ``distill.estimator_steps: 0``
-    and ``distill.replay_fraction: 1``). On the 2-core default, distill's fresh pairs and hardness updates
-    were a third of the alternation's synthesis time and did not change CrossX-DFL (README, issue #15)."""
+    and ``distill.replay_fraction: 1``) for ``distill_rounds`` rounds. On the 2-core default, distill's fresh
+    pairs and hardness updates were a third of the alternation's synthesis time and did not change
+    CrossX-DFL; the students on a short run's bank need more rounds than the alternation's 60, and these
+    cost no synthesis (README, issue #15)."""
 
-    steps: int = Field(100, ge=1, description="estimator steps (in place of reconstruct.steps)")
+    steps: int = Field(80, ge=1, description="estimator steps (in place of reconstruct.steps)")
     batch_size: int = Field(24, ge=2, description="pairs per estimator step (in place of reconstruct.batch_size)")
     lr: float = Field(3e-3, gt=0, description="estimator lr (in place of reconstruct.lr)")
     bank_size: int = Field(1024, ge=1, description="pairs in the bank (in place of reconstruct.bank_size)")
+    modality_weight: float = Field(0.0, ge=0, description="in place of reconstruct.weights.modality: 0 skips the "
+                                                          "modality network's passes (a sixth of a step; the same "
+                                                          "mAP@all over 3 seeds, README)")
+    bank: Literal["pool", "draw"] = Field(
+        "pool", description="pool: the last bank_size pairs the estimators made while they trained, labelled by "
+                            "the teachers' logits of those steps (Fast-Datafree's synthetic pool: no extra pass); "
+                            "draw: bank_size fresh pairs from the final estimators")
+    distill_rounds: int = Field(240, ge=1, description="distill rounds on the bank (in place of distill.rounds): "
+                                                       "with no synthesis in a round, a round is only its "
+                                                       "student steps")
 
 
 class ReptileSynthesisParams(Params):
@@ -179,10 +192,12 @@ class ReconstructParams(Params):
 
     def recipe(self) -> "ReconstructParams":
         """These params as the estimator loop runs them: with ``synthesis: fast``, ``fast``'s steps, batch
-        size, lr and bank size in place of the top-level ones."""
+        size, lr, bank size and modality weight in place of the top-level ones."""
         if self.synthesis != "fast":
             return self
-        return self.model_copy(update=self.fast.model_dump())
+        weights = self.weights.model_copy(update={"modality": self.fast.modality_weight})
+        return self.model_copy(update={**self.fast.model_dump(include={"steps", "batch_size", "lr", "bank_size"}),
+                                       "weights": weights})
 
 
 class StudentParams(Params):
@@ -231,12 +246,14 @@ class DistillParams(StudentTrainingParams):
                                                              "estimator steps")
     adversarial_bound: float = Field(2.0, gt=0, description="the hardness term is clamped at this KL")
 
-    def for_synthesis(self, synthesis: str) -> "DistillParams":
-        """These params as the distill loop runs them after ``reconstruct.synthesis``: ``fast`` trains the
-        students on the reconstruct stage's bank alone (no estimator steps, no fresh pairs)."""
-        if synthesis != "fast":
+    def for_synthesis(self, reconstruct: ReconstructParams) -> "DistillParams":
+        """These params as the distill loop runs them after ``reconstruct``'s synthesis: ``fast`` trains the
+        students on the reconstruct stage's bank alone (no estimator steps, no fresh pairs) for
+        ``reconstruct.fast.distill_rounds`` rounds."""
+        if reconstruct.synthesis != "fast":
             return self
-        return self.model_copy(update={"estimator_steps": 0, "replay_fraction": 1.0})
+        return self.model_copy(update={"estimator_steps": 0, "replay_fraction": 1.0,
+                                       "rounds": reconstruct.fast.distill_rounds})
 
 
 class UpperBoundParams(StudentTrainingParams):

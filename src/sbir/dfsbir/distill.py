@@ -273,7 +273,7 @@ def student_steps(students: EncoderPair, proxies: L.StudentProxies, opt: torch.o
 
 def distill_loop(config: dict) -> None:
     device = rt.setup_worker(config)
-    p: DistillParams = config["params"].for_synthesis(config["reconstruct_params"].synthesis)
+    p: DistillParams = config["params"].for_synthesis(config["reconstruct_params"])
     seed = int(config["seed"])
     torch.manual_seed(seed)
     teachers, blob = load_teachers(config["teachers_path"], device)

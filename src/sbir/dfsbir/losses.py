@@ -6,8 +6,9 @@ runs in fp32, also inside a mixed-precision loop (:func:`sbir.train.precision.fp
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -114,8 +115,10 @@ class ChannelMoments(torch.autograd.Function):
 class BNStatsPrior:
     """DeepInversion's prior: per-BN-layer batch mean/var of the sample match the running statistics.
 
-    Registers forward hooks on the BatchNorm layers of a (frozen) network; call :meth:`loss` after a
-    forward pass of reconstructed samples, :meth:`remove` when done.
+    Registers forward hooks on the BatchNorm layers of a (frozen) network. The hooks act only inside
+    :meth:`collecting` (the forward pass of reconstructed samples; then :meth:`loss`): the same network
+    also runs elsewhere (distill's student steps run the teachers on every batch), where the statistics
+    would be wasted work and, never read, would pile up. :meth:`remove` when done.
     """
 
     def __init__(self, network: nn.Module,
@@ -123,15 +126,24 @@ class BNStatsPrior:
         # moments: x -> (per-channel mean, variance); ChannelMoments unless told (benchmarks/bn_prior.py)
         self.moments = moments or ChannelMoments.apply
         self.terms: list[torch.Tensor] = []
+        self.active = False
         self.handles = [m.register_forward_hook(self._hook) for m in network.modules()
                         if isinstance(m, nn.BatchNorm2d)]
 
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator["BNStatsPrior"]:
+        """The forward passes inside add their terms (the previous ones are dropped)."""
+        self.terms, self.active = [], True
+        try:
+            yield self
+        finally:
+            self.active = False
+
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        if not self.active:
+            return
         mean, var = self.moments(inputs[0])
         self.terms.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
-
-    def reset(self) -> None:
-        self.terms = []
 
     def loss(self) -> torch.Tensor:
         out = torch.stack(self.terms).sum() if self.terms else torch.tensor(0.0)

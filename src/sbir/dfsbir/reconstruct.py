@@ -5,10 +5,12 @@ and sketch estimators with the objective of METHOD.md and writes them plus a Par
 reconstructed pairs and a per-class PNG grid. The adversarial hardness term needs students, which
 do not exist yet here; it becomes active in ``distill`` (its weight and bound are distill params),
 which continues the alternation. ``synthesis: fast`` is a short run of the same objective (fewer, smaller
-steps at a higher lr, a smaller bank) after which distill learns from the bank alone.
+steps at a higher lr, a smaller bank, by default the pairs made while training: :class:`SynthesisPool`)
+after which distill learns from the bank alone.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Any
@@ -51,9 +53,10 @@ class EstimatorObjective:
                  students: nn.Module | None = None, proxies: tuple[torch.Tensor, torch.Tensor] | None = None,
                  proxy_scale: float = 16.0) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         t, w = self.teachers, self.w
-        for prior in self.bn_priors:
-            prior.reset()
-        f_p, f_s = t.photo_teacher.features(x_p), t.sketch_teacher.features(x_s)
+        with contextlib.ExitStack() as priors:  # the BN prior's statistics: of these two passes only
+            for prior in self.bn_priors:
+                priors.enter_context(prior.collecting())
+            f_p, f_s = t.photo_teacher.features(x_p), t.sketch_teacher.features(x_s)
         l_p, l_s = t.photo_teacher.logits(f_p), t.sketch_teacher.logits(f_s)
         # class-split studies: each teacher judges only the classes it knows; alignment needs both, and compares
         # the two distributions over the classes both know (the masked ones have no common support: KL explodes)
@@ -63,10 +66,11 @@ class EstimatorObjective:
             "semantic_ce": on_rows(known_p, L.semantic_ce, l_p, y) + on_rows(known_s, L.semantic_ce, l_s, y),
             "class_balance": L.class_balance(l_p) + L.class_balance(l_s),
             "activation": L.activation(f_p) + L.activation(f_s),
-            "modality": L.modality_guidance(t.modality_net(x_p), t.modality_net(x_s)),
-            "class_alignment": on_rows(known_p & known_s, L.class_alignment, *on_columns(shared, l_p, l_s),
-                                       detach=self.p.alignment_detach),
         }
+        if w.modality > 0:  # (weight 0 skips the modality network's two passes; the terms keep their order)
+            terms["modality"] = L.modality_guidance(t.modality_net(x_p), t.modality_net(x_s))
+        terms["class_alignment"] = on_rows(known_p & known_s, L.class_alignment, *on_columns(shared, l_p, l_s),
+                                           detach=self.p.alignment_detach)
         if w.diversity > 0:
             terms["diversity"] = L.diversity(x_p, z) + L.diversity(x_s[:, :1], z)
         if self.bn_priors:
@@ -133,6 +137,38 @@ def reptile_update(init: nn.Module, adapted: nn.Module, meta_lr: float) -> None:
             mine.copy_(theirs)
 
 
+class SynthesisPool:
+    """The last ``size`` pairs the estimators made while training, as the bank stores them (``synthesis: fast``
+    with ``fast.bank: pool``): labelled by the teachers' logits of the step that made them, so the bank
+    costs no pass of its own (Fast-Datafree keeps its synthetic data the same way)."""
+
+    def __init__(self, size: int, state: dict[str, torch.Tensor] | None = None) -> None:
+        self.size = size
+        self.batches: list[dict[str, torch.Tensor]] = [state] if state else []
+
+    def add(self, x_p: torch.Tensor, x_s: torch.Tensor, y: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        batch = {"condition": y.cpu(), **to_bank_images(x_p.detach().float(), x_s.detach().float())}
+        for name, logits in (("photo_teacher", out["photo_logits"]), ("sketch_teacher", out["sketch_logits"])):
+            conf, label = logits.float().softmax(1).max(1)
+            batch[f"{name}_label"], batch[f"{name}_conf"] = label.cpu(), conf.cpu()
+        self.batches.append(batch)
+        while len(self.batches) > 1 and self.rows() - len(self.batches[0]["condition"]) >= self.size:
+            self.batches.pop(0)  # the oldest batch is no longer needed to fill the pool
+
+    def rows(self) -> int:
+        return sum(len(b["condition"]) for b in self.batches)
+
+    def pairs(self) -> dict[str, torch.Tensor]:
+        """The newest ``size`` pairs (fewer if fewer were made), oldest first."""
+        return {k: torch.cat([b[k] for b in self.batches])[-self.size:] for k in self.batches[0]}
+
+
+def to_bank_images(x_p: torch.Tensor, x_s: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Images in [0, 1] as the bank stores them: uint8, the sketch's one grey channel."""
+    return {"photo": (x_p * 255).round().to(torch.uint8).cpu(),
+            "sketch": (x_s[:, :1] * 255).round().to(torch.uint8).cpu()}
+
+
 def reconstruct_loop(config: dict) -> None:
     device = rt.setup_worker(config)
     dev = LoopDevice.from_config(config, device)
@@ -147,6 +183,8 @@ def reconstruct_loop(config: dict) -> None:
     state = rt.restore_into(estimators=estimators, optimizer=opt)
     start, history = (state["step"] + 1, state["history"]) if state else (0, [])
     compute = history[-1]["compute_seconds"] if history else 0.0
+    pool = (SynthesisPool(p.bank_size, state.get("pool") if state else None)
+            if p.synthesis == "fast" and p.fast.bank == "pool" else None)
     rt.broadcast_module(estimators)
     gen = torch.Generator().manual_seed(seed * 7919 + rt.world()[0])
     sums: dict[str, float] = {}
@@ -166,6 +204,8 @@ def reconstruct_loop(config: dict) -> None:
                 total, terms, out = objective(x_p, x_s, y, z)
             rt.check_finite({**terms, "total": total}, step, "reconstruct")
             dev.step(opt, total, estimators)
+            if pool is not None:
+                pool.add(x_p, x_s, y, out)
         compute += time.time() - t_step
         acc_p = (out["photo_logits"].argmax(1) == y).float().mean()
         acc_s = (out["sketch_logits"].argmax(1) == y).float().mean()
@@ -181,7 +221,8 @@ def reconstruct_loop(config: dict) -> None:
             history.append(metrics)
             rt.report(metrics, {"estimators": estimators.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                 "history": history, "params": p.model_dump(mode="json"),
-                                "num_classes": blob["num_classes"], "image_size": image_size})
+                                "num_classes": blob["num_classes"], "image_size": image_size,
+                                **({"pool": pool.pairs()} if pool is not None else {})})
             sums, count, t0 = {}, 0, time.time()
 
 
@@ -199,8 +240,8 @@ def generate_pairs(estimators: EstimatorPair, teachers: TeacherSet, n: int, seed
         x_p, x_s = estimators(z, y)
         pp, ps = teachers.photo_teacher(x_p).softmax(1), teachers.sketch_teacher(x_s).softmax(1)
         out["condition"].append(y.cpu())
-        out["photo"].append((x_p * 255).round().to(torch.uint8).cpu())
-        out["sketch"].append((x_s[:, :1] * 255).round().to(torch.uint8).cpu())
+        for k, images in to_bank_images(x_p, x_s).items():
+            out[k].append(images)
         for name, prob in (("photo_teacher", pp), ("sketch_teacher", ps)):
             conf, lab = prob.max(1)
             out[f"{name}_label"].append(lab.cpu())
@@ -269,7 +310,8 @@ def run_reconstruct(ctx) -> dict[str, Any]:
                ctx.tmp_out / "estimators.pt")
     t0 = time.time()
     bank_size = p.recipe().bank_size  # (synthesis: fast draws its own, smaller bank)
-    bank = generate_pairs(estimators, teachers, bank_size, seed=ctx.params.seed + 1)
+    # fast with its pool: the pairs made while training (their cost is in compute_seconds already)
+    bank = state.get("pool") or generate_pairs(estimators, teachers, bank_size, seed=ctx.params.seed + 1)
     bank_seconds = time.time() - t0
     write_bank(str(ctx.tmp_out / "bank.parquet"), bank)
     pairs_grid(bank, blob["class_names"], ctx.tmp_out / "pairs.png")
@@ -281,7 +323,8 @@ def run_reconstruct(ctx) -> dict[str, Any]:
         "bank_pair_agreement": round(float((bank["photo_teacher_label"] == bank["sketch_teacher_label"]).float().mean()), 4),
         "final_total_loss": round(history[-1]["total"], 4),
         "seconds_per_step": round(history[-1]["seconds_per_step"], 4),
-        "bank_size": bank_size, "bank_seconds": round(bank_seconds, 2), "synthesis": p.synthesis,
+        "bank_size": len(cond), "bank_seconds": round(bank_seconds, 2), "synthesis": p.synthesis,
+        "bank_source": "pool" if "pool" in state else "draw",
         # the estimators' updates plus drawing the bank (not its PNG encoding or the grid): what a faster
         # synthesis has to cut (benchmarks/fast_synthesis.py)
         "synthesis_seconds": round(history[-1]["compute_seconds"] + bank_seconds, 2),
