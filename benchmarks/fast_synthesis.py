@@ -110,8 +110,8 @@ def main() -> None:
         for name in args.names:
             one_run(args.params.resolve(), args.seeds[0], f"warmup_{name}", args.work, args.sets + variants.get(name, [])
                     + ([f"reconstruct.synthesis={name}"] if name in MODES else [])
-                    + ["reconstruct.steps=10", "reconstruct.fast.steps=10", "reconstruct.fast.distill_rounds=3", "reconstruct.reptile.meta_steps=2",
-                       "distill.rounds=3"])
+                    + ["reconstruct.steps=10", "reconstruct.fast.steps=10", "reconstruct.fast.distill_rounds=3",
+                       "reconstruct.reptile.meta_steps=2", "distill.rounds=3"])
     runs = []
     for seed in args.seeds:
         for name in args.names:

@@ -132,13 +132,13 @@ class EstimatorLossWeights(Params):
 
 class FastSynthesisParams(Params):
     """``reconstruct.synthesis: fast``: a short synthesis. The estimators train ``steps`` steps of
-    ``batch_size`` pairs at a higher ``lr`` (without the modality term unless ``modality_weight``) and write a bank of ``bank_size`` pairs (``bank: pool``: the last
-    pairs they made while training, with no pass of their own); distill then trains the
-    students on that bank alone (no estimator updates, no fresh pairs: as if ``distill.estimator_steps: 0``
-    and ``distill.replay_fraction: 1``) for ``distill_rounds`` rounds. On the 2-core default, distill's fresh
-    pairs and hardness updates were a third of the alternation's synthesis time and did not change
-    CrossX-DFL; the students on a short run's bank need more rounds than the alternation's 60, and these
-    cost no synthesis (README, issue #15)."""
+    ``batch_size`` pairs at a higher ``lr`` (without the modality term unless ``modality_weight``) and write
+    a bank of ``bank_size`` pairs (``bank: pool``: the last pairs they made while training, with no pass of
+    their own); distill then trains the students on that bank alone (no estimator updates, no fresh pairs:
+    as if ``distill.estimator_steps: 0`` and ``distill.replay_fraction: 1``) for ``distill_rounds`` rounds.
+    On the 2-core default, distill's fresh pairs and hardness updates were a third of the alternation's
+    synthesis time and did not change CrossX-DFL; the students on a short run's bank need more rounds than
+    the alternation's 60, and these cost no synthesis (README, issue #15)."""
 
     steps: int = Field(80, ge=1, description="estimator steps (in place of reconstruct.steps)")
     batch_size: int = Field(24, ge=2, description="pairs per estimator step (in place of reconstruct.batch_size)")
