@@ -40,6 +40,7 @@ def measure(outputs: Path, rounds: int, hooks_always_on: bool) -> dict:
     from sbir.dfsbir import distill as D
     from sbir.models.checkpoints import load_teachers
     from sbir.train.precision import LoopDevice
+
     torch.set_num_threads(os.cpu_count() or 1)
     root = load_params(REPO / "params.yaml")
     recon = root.reconstruct.model_copy(update={"synthesis": "fast"})
