@@ -28,8 +28,10 @@ sys.path.insert(0, str(REPO / "src"))
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+    """This process's resident memory (psutil, as sbir.resources measures the stages)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def measure(outputs: Path, rounds: int, hooks_always_on: bool) -> dict:

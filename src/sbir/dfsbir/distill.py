@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from sbir.config import DistillParams, ReconstructParams, StudentTrainingParams
 from sbir.dfsbir import losses as L
-from sbir.dfsbir.reconstruct import EstimatorObjective, adapt, build_estimators, read_bank, reptile_update
+from sbir.dfsbir.reconstruct import (EstimatorObjective, adapt, build_estimators, read_bank, reptile_update,
+                                    to_bank_images)
 from sbir.models.backbones import EncoderPair, to_float
 from sbir.models.checkpoints import TeacherSet, build_students, load_teachers, read_checkpoint
 from sbir.models.estimators import EstimatorPair
@@ -203,8 +204,7 @@ class ReconstructedPairs:
         with self.dev.autocast():
             fresh_p, fresh_s = source(z, y)
             fresh_p, fresh_s = fresh_p.float(), fresh_s.float()  # the bank holds what the teachers label
-            fresh = {"photo": (fresh_p * 255).round().to(torch.uint8).cpu(),
-                     "sketch": (fresh_s[:, :1] * 255).round().to(torch.uint8).cpu()}
+            fresh = to_bank_images(fresh_p, fresh_s)
             fresh["photo_teacher_label"] = self.teachers.photo_teacher(fresh_p).argmax(1).cpu()
             fresh["sketch_teacher_label"] = self.teachers.sketch_teacher(fresh_s).argmax(1).cpu()
         self.synthesis_seconds += time.time() - t0
