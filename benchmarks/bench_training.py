@@ -46,7 +46,8 @@ from sbir.registry import TRAINING_STAGES  # noqa: E402
 BASE_PARAMS: dict[str, Any] = {
     "prepare": {"num_classes": 6, "train_instances_per_class": 48, "test_instances_per_class": 8},
     "teacher_pretrain": {"epochs": 3, "batch_size": 32},
-    "reconstruct": {"steps": 20, "batch_size": 32, "log_every": 10, "bank_size": 64},
+    "reconstruct": {"steps": 20, "batch_size": 32, "log_every": 10, "bank_size": 64,
+                    "synthesis": "alternation"},  # the steps and rounds that --scale multiplies
     "distill": {"rounds": 10, "student_steps": 2, "batch_size": 32, "log_every": 5},
     "upper_bound": {"max_steps": 40, "eval_every": 20, "batch_size": 32},
     "sketch_generator": {"steps": 30, "batch_size": 16, "log_every": 15, "history_every": 5, "eval_pairs": 16,

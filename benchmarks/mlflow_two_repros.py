@@ -39,7 +39,8 @@ TINY = {
     "ray": {"num_workers": 0},
     "prepare": {"num_classes": 4, "train_instances_per_class": 24, "test_instances_per_class": 8},
     "teacher_pretrain": {"epochs": 2, "batch_size": 32},
-    "reconstruct": {"steps": 4, "batch_size": 16, "log_every": 2, "bank_size": 64},
+    "reconstruct": {"steps": 4, "batch_size": 16, "log_every": 2, "bank_size": 64,
+                    "synthesis": "alternation"},  # distill.rounds (changed between the repros) counts here
     "distill": {"rounds": 4, "student_steps": 2, "batch_size": 16, "log_every": 2},
     "upper_bound": {"max_steps": 4, "eval_every": 2},
     "evaluate": {"map_ks": [20], "precision_ks": [10, 20]},

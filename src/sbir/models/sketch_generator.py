@@ -425,13 +425,19 @@ class PhotoToSketchGenerator(nn.Module):
         h, c = torch.tanh(self.init_state(z)).chunk(2, dim=-1)
         return h.contiguous(), c.contiguous()
 
-    def _step(self, x: Tensor, z: Tensor, h: Tensor, c: Tensor,
-              feats: Tensor, keys: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One decoder step. x: previous stroke-5 point (standardised)."""
+    def _recur(self, x: Tensor, z: Tensor, h: Tensor, c: Tensor,
+               feats: Tensor, keys: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The recurrent part of one decoder step: (attention context, weights, h, c).
+        x: previous stroke-5 point (standardised)."""
         ctx, attn = self.attention(h, feats, keys)
         h, c = self.cell(torch.cat([x, z, ctx], dim=-1), (h, c))
-        out = self.head(torch.cat([h, ctx], dim=-1))
-        return out, attn, h, c
+        return ctx, attn, h, c
+
+    def _step(self, x: Tensor, z: Tensor, h: Tensor, c: Tensor,
+              feats: Tensor, keys: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One decoder step with its output head (sampling needs each step's output before the next)."""
+        ctx, attn, h, c = self._recur(x, z, h, c, feats, keys)
+        return self.head(torch.cat([h, ctx], dim=-1)), attn, h, c
 
     def _split_head(self, out: Tensor, temperature: float = 1.0,
                     pen_temperature: float | None = None) -> dict[str, Tensor]:
@@ -458,12 +464,14 @@ class PhotoToSketchGenerator(nn.Module):
         """Teacher-forced decoding of standardised inputs ``x_in (B, T, 5)``."""
         h, c = self._initial_state(z)
         keys = self.attention.keys(feats)
-        outs, attns = [], []
+        states, attns = [], []
         for t in range(x_in.shape[1]):
-            out, attn, h, c = self._step(x_in[:, t], z, h, c, feats, keys)
-            outs.append(out)
+            ctx, attn, h, c = self._recur(x_in[:, t], z, h, c, feats, keys)
+            states.append(torch.cat([h, ctx], dim=-1))
             attns.append(attn)
-        params = self._split_head(torch.stack(outs, dim=1), temperature, pen_temperature)
+        # teacher forcing knows every input up front: the head runs once over all steps, not once per step
+        out = self.head(torch.stack(states, dim=1))
+        params = self._split_head(out, temperature, pen_temperature)
         params["attention"] = torch.stack(attns, dim=1)
         return params
 
