@@ -109,7 +109,7 @@ def test_tune_sweep_places_trials_on_both_nodes(cluster, tmp_path, tiny_dataset)
     params = _params(tmp_path, tiny_dataset, cluster, 1)
     run_stage("teacher_pretrain", ["--params", params, "--no-mlflow", "--set", "ray.num_workers=0"])
     spec = {"name": "cluster", "params": params, "stages": ["reconstruct", "distill"],
-            "base_overrides": {"ray.num_workers": 0, "reconstruct.synthesis": "alternation", "reconstruct.steps": 2, "reconstruct.bank_size": 32,
+            "base_overrides": {"ray.num_workers": 0, "reconstruct.steps": 2, "reconstruct.bank_size": 32,
                                "reconstruct.batch_size": 16, "distill.rounds": 2, "distill.student_steps": 1,
                                "distill.batch_size": 16},
             "space": {"reconstruct.weights.semantic_ce": {"type": "loguniform", "low": 0.5, "high": 5.0}},

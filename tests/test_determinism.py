@@ -50,8 +50,7 @@ def _run_pipeline(tmp_path: Path, name: str, dataset: Path) -> Path:
     params.update(dataset_dir=str(dataset), outputs_dir=str(out), pipeline=f"determinism-{name}")
     params["ray"]["num_workers"] = 0
     params["teacher_pretrain"].update(epochs=2, batch_size=32)
-    params["reconstruct"]["fast"].update(steps=4, batch_size=16, bank_size=32)  # the default recipe, shrunk
-    params["reconstruct"].update(log_every=2)
+    params["reconstruct"].update(steps=4, batch_size=16, log_every=2, bank_size=32)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(params))
     argv = ["--params", str(path), "--no-mlflow", "--restart"]

@@ -18,7 +18,7 @@ def _params(tmp_path, dataset, backbone: dict, image_size: int, teacher_extra: d
         "teacher_pretrain": {"backbone": backbone, "image_size": image_size, "epochs": 1, "batch_size": 16,
                              **(teacher_extra or {})},
         "reconstruct": {"steps": 2, "batch_size": 8, "log_every": 1, "bank_size": 24, "estimator_width": 4,
-                        "latent_dim": 8, "synthesis": "alternation"},  # the fast recipe: its own tests
+                        "latent_dim": 8},
         "distill": {"student": {"backbone": backbone, "embed_dim": 16}, "rounds": 2, "student_steps": 1,
                     "batch_size": 8, "log_every": 1},
         "upper_bound": {"student": {"backbone": backbone, "embed_dim": 16}, "max_steps": 4, "eval_every": 2,

@@ -19,8 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "ray": {"num_workers": 0},
     "teacher_pretrain": {"epochs": 1, "batch_size": 32},
-    "reconstruct": {"steps": 4, "batch_size": 16, "log_every": 2, "bank_size": 64,
-                    "fast": {"steps": 4, "batch_size": 16, "bank_size": 64, "distill_rounds": 4}},
+    "reconstruct": {"steps": 4, "batch_size": 16, "log_every": 2, "bank_size": 64},
     "distill": {"rounds": 4, "student_steps": 2, "batch_size": 16, "log_every": 2},
 }
 
@@ -48,7 +47,7 @@ def tiny_params(tiny_dataset, tmp_path_factory) -> Path:
 def _spec(tmp: Path, params: Path, **over) -> Path:
     spec = {
         "name": "tiny", "params": str(params), "stages": ["reconstruct", "distill"],
-        "base_overrides": {"reconstruct.synthesis": "alternation", "reconstruct.steps": 4},  # as estimator_weights.yaml
+        "base_overrides": {"reconstruct.steps": 4},
         "space": {"reconstruct.weights.semantic_ce": {"type": "loguniform", "low": 0.5, "high": 5.0},
                   "reconstruct.weights.diversity": {"type": "choice", "values": [0.0, 0.5]}},
         "validation": "category", "validation_options": {"per_class": 4, "precision_ks": [4]},

@@ -183,7 +183,7 @@ class ReconstructParams(Params):
     bank_size: int = Field(2048, ge=1, description="reconstructed pairs written to the sample bank")
     log_every: int = Field(50, ge=1)
     synthesis: Literal["alternation", "fast", "reptile"] = Field(
-        "fast", description="alternation: the estimators train for `steps` here and `estimator_steps` per "
+        "alternation", description="alternation: the estimators train for `steps` here and `estimator_steps` per "
                                    "distill round; fast: a short run (`fast` replaces steps, batch_size, lr and "
                                    "bank_size) and distill on the bank alone; reptile: a meta-learned "
                                    "initialisation adapted a few steps per batch (`reptile`; `steps` unused)")
