@@ -52,3 +52,13 @@ def test_python_dash_m_sbir_keeps_the_commands_exit_status(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sbir", "run", "evaluate", "--params", str(tmp_path / "missing.yaml")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "missing.yaml" in bad.stderr
+
+
+def test_quick_exit_leaves_a_profilers_output_to_a_normal_exit(tmp_path):
+    """``python -m cProfile -o F -m sbir ...`` writes F after the program returns: a quick exit would lose it."""
+    script = tmp_path / "stage_like.py"
+    script.write_text("from sbir.cli import quick_exit\nquick_exit(0)\n")
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(tmp_path / "out.prof"), str(script)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out.prof").stat().st_size > 0

@@ -192,8 +192,13 @@ def quick_exit(code: int) -> None:
     """End the process without the interpreter's teardown: a stage process that imported torch and MLflow
     spends 1.5-1.7 s freeing modules and objects nobody will use again (10 stages: about 16 s of a
     `dvc repro`). What a normal exit must still do is done first: the atexit handlers (MLflow's, Ray's),
-    logging's flush and the standard streams' flush. With another non-daemon thread alive, whose end a
-    normal exit would wait for, it exits normally."""
+    logging's flush and the standard streams' flush. It exits normally with another non-daemon thread
+    alive (whose end a normal exit waits for) and under a profiler or tracer (``python -m cProfile``,
+    coverage), which write their results after the program returns."""
+    others_running = any(t.is_alive() and not t.daemon for t in threading.enumerate()
+                         if t is not threading.main_thread())
+    if others_running or sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
     atexit._run_exitfuncs()  # (private but stable since Python 3.0; there is no public way to run them early)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
@@ -201,8 +206,6 @@ def quick_exit(code: int) -> None:
             stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
             pass
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.exit(code)
     os._exit(code)
 
 
