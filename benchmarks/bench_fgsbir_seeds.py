@@ -4,7 +4,8 @@ Runs the four fine-grained stages (sketch_generator -> pseudo_pairs -> fgsbir_jo
 once per seed, each seed in its own output folder (``--work``/seed_<n>), with the repository's
 params plus ``--set`` overrides, and prints mean ± std (over seeds) of Acc@1/5/10 per model. The
 data-free students are read from ``--students`` (default outputs/distill/students.pt; the data-free
-stages are not rerun). Writes a JSON with the per-seed numbers and the summary.
+stages are not rerun) and the teachers (G's encoder, the pseudo sketches' class check) are linked from
+``--teachers`` (default: the params' outputs). Writes a JSON with the per-seed numbers and the summary.
 
     python benchmarks/bench_fgsbir_seeds.py                       # seeds 0 1 2, the params file's Ray workers
     python benchmarks/bench_fgsbir_seeds.py --seeds 0 1 --set fgsbir_joint.ablations=[no_weighting]
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=None,
                     help="ray.num_workers (0: in-process local mode; default: the params file's)")
     ap.add_argument("--students", default=str(REPO / "outputs/distill/students.pt"))
+    ap.add_argument("--teachers", default=None,
+                    help="a teacher_pretrain output folder, linked into each seed's folder (G's encoder and the "
+                         "pseudo sketches' class check read it; default: the params' <outputs_dir>/teacher_pretrain)")
     ap.add_argument("--work", default=str(REPO / "benchmarks/results/fgsbir_seeds"), help="per-seed output folders")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/fgsbir_seeds.json"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -47,8 +51,16 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("SBIR_RAY_RESULTS", str(work / "ray_results"))
     stages = ["sketch_generator", "pseudo_pairs", "fgsbir_joint", "fg_evaluate"]
     per_seed: dict[int, dict] = {}
+    from sbir.config import load_params
+
+    teachers = Path(args.teachers or REPO / load_params(args.params).outputs_dir / "teacher_pretrain").resolve()
     for seed in args.seeds:
         out = work / f"seed_{seed}"
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "teacher_pretrain").exists() and not args.collect_only:
+            if not (teachers / "teachers.pt").is_file():
+                raise SystemExit(f"{teachers}/teachers.pt not found: run the params' pipeline first, or pass --teachers")
+            (out / "teacher_pretrain").symlink_to(teachers)
         sets = [f"seed={seed}", f"outputs_dir={out}", f"fgsbir_joint.students_path={Path(args.students).resolve()}",
                 *([f"ray.num_workers={args.workers}"] if args.workers is not None else []), *args.overrides]
         argv_s = ["--params", args.params, "--no-mlflow", "--restart"] + [x for s in sets for x in ("--set", s)]
