@@ -13,9 +13,10 @@ test split as the evaluate stage does (sketch -> photo mAP@all). Synthesis time 
 report as ``synthesis_seconds``: reconstruct's estimator updates plus drawing its bank (none with
 ``fast.bank: pool``, whose pairs come from the updates; not the bank's PNG encoding or the grid), and distill's
 estimator updates plus the fresh pairs it draws each round (student training is not synthesis). Every other
-recipe is compared with each ``alternation*`` run of its seed (the mode, and variants named ``alternation_...``,
-e.g. the alternation with the fast recipe's longer student budget: a variant named after a mode runs that mode). Issue #15 asks for >= 10x less synthesis
-time at >= 0.95x the alternation's mAP@all, over 3 seeds.
+recipe is compared with each ``alternation*`` run of its seed (the mode, and variants named
+``alternation_...``, e.g. the alternation with the fast recipe's longer student budget: a variant named after
+a mode runs that mode). Issue #15 asks for >= 10x less synthesis time at >= 0.95x the alternation's
+mAP@all, over 3 seeds.
 """
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ written by ``python -m sbir run prepare --set dataset_dir=... --set prepare.clut
     python benchmarks/fg_headroom.py --dataset data/prepared --steps 1600 --eval-every 200
     python benchmarks/fg_headroom.py --dataset /tmp/c0 --name clutter0 --set labelled_share... (see --help)
 
-Writes (appends a run to) ``benchmarks/results/fg_headroom.json`` and redraws ``fg_headroom.png``.
+Writes (appends a run to, replacing one of the same name and seed) ``benchmarks/results/fg_headroom.json``
+with a ``summary`` per dataset name over its seeds (mean ± std of both models' Acc@1 and their gap at
+every evaluated step), and redraws ``fg_headroom.png``.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def plot(runs: list[dict], path: Path) -> None:
             c = run["curves"].get(kind)
             if c:
                 ax.plot([r["step"] for r in c], [r["acc@1"] for r in c], style, color=f"C{i}",
-                        label=f"{run['name']} {kind}")
+                        label=f"{run['name']} seed {run['seed']} {kind}")
     ax.set_xlabel("F steps")
     ax.set_ylabel("test Acc@1")
     ax.set_title("FG bench headroom: full vs supervised-only")
@@ -81,6 +83,29 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def summarise(runs: list[dict]) -> dict[str, dict]:
+    """Per dataset name, at every step all its seeds evaluated: mean, std (sample) and the per-seed values
+    of supervised-only's and full's Acc@1 and of their gap, with the seeds listed."""
+    import statistics
+
+    def stats(values: list[float]) -> dict:
+        return {"mean": round(statistics.mean(values), 4),
+                "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0, "values": values}
+
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(r["name"] for r in runs):
+        group = sorted((r for r in runs if r["name"] == name), key=lambda r: r["seed"])
+        by_step = [{kind: {c["step"]: c["acc@1"] for c in r["curves"][kind]} for kind in ("supervised", "full")}
+                   for r in group]
+        steps = sorted(set.intersection(*(set(b["full"]) & set(b["supervised"]) for b in by_step)))
+        out[name] = {"seeds": [r["seed"] for r in group], "acc@1": {
+            str(step): {"supervised": stats([b["supervised"][step] for b in by_step]),
+                        "full": stats([b["full"][step] for b in by_step]),
+                        "full_minus_supervised": stats([round(b["full"][step] - b["supervised"][step], 4)
+                                                        for b in by_step])} for step in steps}}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     runs = json.loads(out.read_text())["runs"] if out.exists() else []
     runs = [r for r in runs if (r["name"], r["seed"]) != (run["name"], run["seed"])] + [run]
-    out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    out.write_text(json.dumps({"summary": summarise(runs), "runs": runs}, indent=1) + "\n")
     plot(runs, out.with_suffix(".png"))
     last = {k: c[-1] for k, c in run["curves"].items()}
     print(f"{run['name']}: full {last['full']['acc@1']:.4f} vs supervised {last['supervised']['acc@1']:.4f} "
