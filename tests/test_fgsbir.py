@@ -310,3 +310,32 @@ def test_teacher_agreement_scores_pseudo_and_real_sketches(tmp_path):
     assert out["sketch_teacher_acc_pseudo"] == pytest.approx(float((pred == labels).float().mean()), abs=1e-4)
     assert out["sketch_teacher_acc_real_train"] == out["sketch_teacher_acc_pseudo"]
     assert out["chance_class_acc"] == 0.25
+
+
+def test_generator_global_context_is_the_frozen_photo_teacher(tmp_path):
+    """sketch_generator.global_context photo_teacher: G's latent reads the whole photo teacher's pooled features
+    (copied in, frozen, saved with G and rebuilt by load_generator), next to a scratch attention encoder."""
+    from sbir.config import TeacherParams
+    from sbir.fgsbir.generator_train import copy_teacher_encoder, generator_config
+    from sbir.fgsbir.params import GeneratorParams
+    from sbir.models.checkpoints import TeacherSet, load_generator
+    from sbir.models.sketch_generator import PhotoToSketchGenerator
+
+    tp = TeacherParams()
+    torch.manual_seed(0)
+    teachers = TeacherSet(tp, 4).eval()
+    p = GeneratorParams(encoder_init="scratch", global_context="photo_teacher", feature_stride=8)
+    cfg = generator_config(p, 32, tp.model_dump(mode="json"))
+    g = PhotoToSketchGenerator(cfg)
+    copy_teacher_encoder(g, teachers, encoder=False)
+    teacher_w = teachers.photo_teacher.backbone.state_dict()
+    assert all(torch.equal(v, teacher_w[k]) for k, v in g.global_encoder.module[1].state_dict().items())
+    assert not any(w.requires_grad for w in g.global_encoder.parameters())
+    assert g.to_mu.in_features == 64 + teachers.photo_teacher.backbone.out_dim  # scratch map + teacher features
+    photos = torch.rand(3, 3, 32, 32)
+    _, mu, _ = g.eval().encode(photos)
+    torch.save({"config": cfg.to_dict(), "model": g.state_dict()}, tmp_path / "generator.pt")
+    loaded, _ = load_generator(tmp_path / "generator.pt")
+    assert torch.allclose(loaded.encode(photos)[1], mu)
+    with pytest.raises(ValueError, match="teacher_pretrain"):
+        generator_config(p, 32, None)

@@ -111,18 +111,29 @@ def generator_config(p: GeneratorParams, image_size: int, teacher_params: dict |
         else:
             raise ValueError(f"sketch_generator.encoder_init photo_teacher needs a small_cnn or efficientnet_lite0 "
                              f"photo teacher, got {backbone.get('name')!r}")
+    global_backbone = None
+    if p.global_context == "photo_teacher":
+        if not (teacher_params or {}).get("backbone"):
+            raise ValueError("sketch_generator.global_context photo_teacher needs the teacher_pretrain stage's params")
+        global_backbone = dict(teacher_params["backbone"])
     return SketchGeneratorConfig(
-        image_size=image_size, in_channels=3, encoder_channels=tuple(p.encoder_channels),
+        global_backbone=global_backbone, image_size=image_size, in_channels=3, encoder_channels=tuple(p.encoder_channels),
         feature_stride=p.feature_stride, latent_dim=p.latent_dim, decoder_hidden=p.decoder_hidden,
         attention_dim=p.attention_dim, num_mixtures=p.num_mixtures, max_len=p.max_len, kl_floor=p.kl_floor,
         kl_weight=p.kl_weight, kl_weight_start=p.kl_weight_start, kl_anneal_steps=p.kl_anneal_steps,
         grad_clip=p.grad_clip, **encoder)
 
 
-def copy_teacher_encoder(model: PhotoToSketchGenerator, teachers: TeacherSet) -> None:
-    """Copy the photo teacher's input normalisation and first conv blocks (small_cnn) or its stem and first
-    stages (efficientnet_lite0) into G's encoder."""
+def copy_teacher_encoder(model: PhotoToSketchGenerator, teachers: TeacherSet, encoder: bool = True) -> None:
+    """Copy the whole photo teacher's normalisation and backbone into G's global encoder (when G has one) and,
+    with ``encoder``, its input normalisation and first conv blocks (small_cnn) or its stem and first stages
+    (efficientnet_lite0) into G's encoder."""
     teacher = teachers.photo_teacher
+    if model.global_encoder is not None:
+        model.global_encoder.module[0].load_state_dict(teacher.normalise.state_dict())
+        model.global_encoder.module[1].load_state_dict(teacher.backbone.state_dict())
+    if not encoder:
+        return
     encoder = model.encoder.module if isinstance(model.encoder, FrozenModule) else model.encoder
     normalise, features = encoder
     normalise.load_state_dict(teacher.normalise.state_dict())
@@ -217,12 +228,13 @@ def generator_loop(config: dict) -> None:
     seed = int(config["seed"])
     torch.manual_seed(seed)
     data = load_generator_data(config["dataset_dir"], p, dev.decode_workers)
-    teachers, blob = load_teachers(config["teachers_path"]) if p.encoder_init == "photo_teacher" else (None, {})
+    needs_teacher = p.encoder_init == "photo_teacher" or p.global_context == "photo_teacher"
+    teachers, blob = load_teachers(config["teachers_path"]) if needs_teacher else (None, {})
     cfg = generator_config(p, data.image_size, blob.get("params"))
     model = PhotoToSketchGenerator(cfg, offset_scale=data.offset_scale)
     if teachers is not None:
-        copy_teacher_encoder(model, teachers)
-    elif p.encoder_init == "imagenet":
+        copy_teacher_encoder(model, teachers, encoder=p.encoder_init == "photo_teacher")
+    if p.encoder_init == "imagenet":
         copy_imagenet_encoder(model)
     model = model.to(device)
     opt = torch.optim.Adam([w for w in model.parameters() if w.requires_grad], lr=p.lr)
@@ -347,7 +359,7 @@ def run_sketch_generator(ctx) -> dict[str, Any]:
     dataset_dir = ctx.path(ctx.params.dataset_dir)
     ds = open_dataset(dataset_dir)  # fail fast, before Ray starts
     config: dict[str, Any] = {"params": p, "seed": ctx.params.seed, "dataset_dir": str(dataset_dir)}
-    if p.encoder_init == "photo_teacher":
+    if p.encoder_init == "photo_teacher" or p.global_context == "photo_teacher":
         config["teachers_path"] = str(ctx.input("teacher_pretrain", "teachers.pt"))
     outcome = ctx.train(generator_loop, config)
     state = outcome.state

@@ -36,6 +36,10 @@ class GeneratorParams(FGParams):
                                "stem and stages with the packaged ImageNet weights (no teacher needed)")
     freeze_encoder: bool = Field(True, description="photo_teacher / imagenet encoder: keep its weights and "
                                                    "BatchNorm statistics fixed")
+    global_context: Literal["none", "photo_teacher"] = Field(
+        "none", description="photo_teacher: the whole frozen photo teacher's pooled features join the latent's input "
+                            "(the early blocks that G attends to tell local shape but hardly the class; the "
+                            "teacher's last layer tells which object to draw). Needs the teacher_pretrain stage")
     latent_dim: int = Field(32, ge=1, description="size of the Gaussian latent z")
     decoder_hidden: int = Field(128, ge=8, description="LSTM decoder hidden size")
     attention_dim: int = Field(64, ge=4, description="additive attention size")

@@ -120,6 +120,12 @@ class SketchGeneratorConfig:
     ``feature_stride``; the stage copies in a photo teacher's or the packaged
     ImageNet weights); kept fixed when ``freeze_encoder`` (no gradient,
     BatchNorm statistics frozen).
+
+    ``global_backbone`` (a ``BackboneParams`` dump, or None): a whole frozen
+    backbone (input normalisation + backbone, e.g. the photo teacher's) whose
+    pooled features join the encoder's pooled map in the input of ``mu`` and
+    ``logvar``. The early blocks of the attention map tell local shape but
+    hardly the class; this global vector tells G what object it draws.
     """
 
     image_size: int = 32
@@ -139,6 +145,7 @@ class SketchGeneratorConfig:
     encoder: str = "conv"
     encoder_width: int = 32
     freeze_encoder: bool = False
+    global_backbone: dict | None = None
 
     def __post_init__(self) -> None:
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
@@ -347,6 +354,18 @@ def _build_encoder(cfg: SketchGeneratorConfig) -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), cfg.encoder_channels[-1]
 
 
+def _build_global_encoder(cfg: SketchGeneratorConfig) -> tuple[nn.Module | None, int]:
+    """The frozen whole-photo encoder of ``cfg.global_backbone`` (None: no global context) and its output size."""
+    if cfg.global_backbone is None:
+        return None, 0
+    from sbir.config import BackboneParams
+    from sbir.models.backbones import build_backbone, build_normalise
+
+    bp = BackboneParams(**{**cfg.global_backbone, "weights_path": None})  # the weights come with G's state dict
+    backbone = build_backbone(bp)
+    return FrozenModule(nn.Sequential(build_normalise(bp), backbone)), int(backbone.out_dim)
+
+
 class PhotoToSketchGenerator(nn.Module):
     """Photo-conditioned sketch-rnn VAE (see the module docstring)."""
 
@@ -356,9 +375,10 @@ class PhotoToSketchGenerator(nn.Module):
         cfg = config or SketchGeneratorConfig()
         self.config = cfg
         self.encoder, c_feat = _build_encoder(cfg)
+        self.global_encoder, c_global = _build_global_encoder(cfg)
         self.feature_dim = c_feat + 2  # + (x, y) coordinates
-        self.to_mu = nn.Linear(c_feat, cfg.latent_dim)
-        self.to_logvar = nn.Linear(c_feat, cfg.latent_dim)
+        self.to_mu = nn.Linear(c_feat + c_global, cfg.latent_dim)
+        self.to_logvar = nn.Linear(c_feat + c_global, cfg.latent_dim)
         self.init_state = nn.Linear(cfg.latent_dim, 2 * cfg.decoder_hidden)
         self.attention = AdditiveAttention(self.feature_dim, cfg.decoder_hidden, cfg.attention_dim)
         self.cell = nn.LSTMCell(5 + cfg.latent_dim + self.feature_dim, cfg.decoder_hidden)
@@ -403,6 +423,8 @@ class PhotoToSketchGenerator(nn.Module):
         coordinate channels, mu ``(B, L)``, logvar ``(B, L)``)."""
         fmap = self.encoder(photos.float())
         pooled = fmap.mean(dim=(2, 3))
+        if self.global_encoder is not None:
+            pooled = torch.cat([pooled, self.global_encoder(photos.float()).to(pooled.dtype)], dim=1)
         # fp32 (a no-op unless a mixed-precision loop autocasts): the KL term and the reparameterisation
         mu = self.to_mu(pooled).float()
         logvar = self.to_logvar(pooled).float()
