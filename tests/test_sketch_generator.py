@@ -202,6 +202,26 @@ def test_log_prob_ignores_padding_and_is_minus_summed_loss_terms():
         assert torch.allclose(-(o["gmm_nll"] * (n - 1) + o["pen_ce"] * n), lp[b], atol=1e-4)
 
 
+def test_decoder_dropout_regularises_the_vae_loss_only():
+    """decoder_dropout acts on the VAE loss in train mode; eval-mode loss, log_prob and sampling (what
+    REINFORCE scores) are those of the same model without dropout."""
+    rng = np.random.default_rng(5)
+    x, lengths = padded_batch(rng, n=3)
+    photos = torch.randn(3, 3, 32, 32)
+    plain, dropped = small_model(), small_model(decoder_dropout=0.5)
+    z = torch.zeros(3, 8)
+    plain.train(), dropped.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(dropped.loss(photos, x, lengths, z=z)["total"], plain.loss(photos, x, lengths, z=z)["total"])
+    for m in (plain, dropped):  # log_prob never drops, in train mode too
+        m.train()
+    assert torch.equal(dropped.log_prob(photos, x[:, 1:], lengths), plain.log_prob(photos, x[:, 1:], lengths))
+    plain.eval(), dropped.eval()
+    assert torch.equal(dropped.loss(photos, x, lengths)["total"], plain.loss(photos, x, lengths)["total"])
+    with pytest.raises(ValueError, match="decoder_dropout"):
+        small_config(decoder_dropout=1.0)
+
+
 def test_offset_scale_makes_loss_unit_free():
     rng = np.random.default_rng(4)
     sk = random_sketches(rng, 4)

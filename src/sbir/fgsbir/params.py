@@ -41,6 +41,9 @@ class GeneratorParams(FGParams):
                             "(the early blocks that G attends to tell local shape but hardly the class; the "
                             "teacher's last layer tells which object to draw). Needs the teacher_pretrain stage")
     latent_dim: int = Field(32, ge=1, description="size of the Gaussian latent z")
+    decoder_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the decoder's LSTM input and output head "
+                                   "in the VAE loss (training only; sampling and REINFORCE's log-likelihood never "
+                                   "drop): G overfits the few hundred labelled pairs")
     decoder_hidden: int = Field(128, ge=8, description="LSTM decoder hidden size")
     attention_dim: int = Field(64, ge=4, description="additive attention size")
     num_mixtures: int = Field(10, ge=1, description="M: bivariate Gaussians of the offset mixture")

@@ -146,6 +146,7 @@ class SketchGeneratorConfig:
     encoder_width: int = 32
     freeze_encoder: bool = False
     global_backbone: dict | None = None
+    decoder_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
@@ -160,6 +161,8 @@ class SketchGeneratorConfig:
             raise ValueError(
                 f"feature_stride {s} needs more than {len(self.encoder_channels)} conv blocks"
             )
+        if not 0.0 <= self.decoder_dropout < 1.0:
+            raise ValueError(f"decoder_dropout must be in [0, 1), got {self.decoder_dropout}")
         if self.num_mixtures < 1 or self.latent_dim < 1 or self.decoder_hidden < 1:
             raise ValueError("num_mixtures, latent_dim and decoder_hidden must be positive")
 
@@ -448,11 +451,12 @@ class PhotoToSketchGenerator(nn.Module):
         return h.contiguous(), c.contiguous()
 
     def _recur(self, x: Tensor, z: Tensor, h: Tensor, c: Tensor,
-               feats: Tensor, keys: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               feats: Tensor, keys: Tensor, dropout: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The recurrent part of one decoder step: (attention context, weights, h, c).
-        x: previous stroke-5 point (standardised)."""
+        x: previous stroke-5 point (standardised); ``dropout`` on the cell's input (VAE training only)."""
         ctx, attn = self.attention(h, feats, keys)
-        h, c = self.cell(torch.cat([x, z, ctx], dim=-1), (h, c))
+        inp = torch.cat([x, z, ctx], dim=-1)
+        h, c = self.cell(F.dropout(inp, dropout) if dropout > 0 else inp, (h, c))
         return ctx, attn, h, c
 
     def _step(self, x: Tensor, z: Tensor, h: Tensor, c: Tensor,
@@ -482,17 +486,20 @@ class PhotoToSketchGenerator(nn.Module):
                 "rho": torch.tanh(r), "pen_logits": pen}
 
     def _decode(self, feats: Tensor, z: Tensor, x_in: Tensor, temperature: float = 1.0,
-                pen_temperature: float | None = None) -> dict[str, Tensor]:
-        """Teacher-forced decoding of standardised inputs ``x_in (B, T, 5)``."""
+                pen_temperature: float | None = None, dropout: float = 0.0) -> dict[str, Tensor]:
+        """Teacher-forced decoding of standardised inputs ``x_in (B, T, 5)``; ``dropout`` on the cell's and
+        the head's inputs (the VAE loss in train mode only: sampling and ``log_prob`` never drop, so
+        REINFORCE scores exactly the policy it sampled from)."""
         h, c = self._initial_state(z)
         keys = self.attention.keys(feats)
         states, attns = [], []
         for t in range(x_in.shape[1]):
-            ctx, attn, h, c = self._recur(x_in[:, t], z, h, c, feats, keys)
+            ctx, attn, h, c = self._recur(x_in[:, t], z, h, c, feats, keys, dropout)
             states.append(torch.cat([h, ctx], dim=-1))
             attns.append(attn)
         # teacher forcing knows every input up front: the head runs once over all steps, not once per step
-        out = self.head(torch.stack(states, dim=1))
+        stacked = torch.stack(states, dim=1)
+        out = self.head(F.dropout(stacked, dropout) if dropout > 0 else stacked)
         params = self._split_head(out, temperature, pen_temperature)
         params["attention"] = torch.stack(attns, dim=1)
         return params
@@ -570,7 +577,7 @@ class PhotoToSketchGenerator(nn.Module):
         x = torch.cat([x[:, :1], self._clean_padding(x[:, 1:], lengths)], dim=1)
         feats, mu, logvar = self.encode(photos)
         zz = self._latent(mu, logvar, z, "auto")
-        params = self._decode(feats, zz, x[:, :-1])
+        params = self._decode(feats, zz, x[:, :-1], dropout=self.config.decoder_dropout if self.training else 0.0)
         gmm_lp, pen_lp, gmm_mask, pen_mask = self._row_log_probs(params, x[:, 1:], lengths)
         gmm_nll = -gmm_lp.sum() / gmm_mask.sum().clamp_min(1.0)
         pen_ce = -pen_lp.sum() / pen_mask.sum().clamp_min(1.0)
