@@ -9,6 +9,8 @@ stages are not rerun) and the teachers (G's encoder, the pseudo sketches' class 
 
     python benchmarks/bench_fgsbir_seeds.py                       # seeds 0 1 2, the params file's Ray workers
     python benchmarks/bench_fgsbir_seeds.py --seeds 0 1 --set fgsbir_joint.ablations=[no_weighting]
+    python benchmarks/bench_fgsbir_seeds.py --stages fgsbir_joint fg_evaluate --set fg_evaluate.generated_queries=false \
+        --set fgsbir_joint.variants=[supervised,full] --set fgsbir_joint.ablations=[oracle_sketches]   # no G needed
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FULL_PARAMS = REPO / "pipelines" / "embedded-full" / "params.yaml"  # the science budgets (the default cuts them)
 sys.path.insert(0, str(REPO / "src"))
+STAGES = ["sketch_generator", "pseudo_pairs", "fgsbir_joint", "fg_evaluate"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra param overrides for every stage (repeatable)")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
+    ap.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES,
+                    help="the stages to run per seed (the oracle ablation without semi needs no G: "
+                         "fgsbir_joint fg_evaluate, with fg_evaluate.generated_queries=false)")
     ap.add_argument("--collect-only", action="store_true",
                     help="run nothing: read each seed's stage metrics from --work (an earlier or interrupted run)")
     args = ap.parse_args(argv)
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(args.work).resolve()
     os.environ.setdefault("SBIR_RAY_RESULTS", str(work / "ray_results"))
-    stages = ["sketch_generator", "pseudo_pairs", "fgsbir_joint", "fg_evaluate"]
+    stages = args.stages
     per_seed: dict[int, dict] = {}
     from sbir.config import load_params
 

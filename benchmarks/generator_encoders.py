@@ -5,7 +5,9 @@ the real stages in-process into ``--work``/NAME, on the repository's dataset and
 ``teacher_pretrain`` outputs of ``--teachers-from``, linked in), and collects what item 3 of issue 13
 asks for: G's test loss with its own photo against a swapped photo (``photo_loss_gain``, nats per
 row; 0 = G ignores the photo), the attention entropy (share of log(H*W)), and the sketch teacher's
-class accuracy on the pseudo sketches (``pseudo_pairs.teacher_check``; chance = 1 / classes).
+class accuracy on the pseudo sketches (``pseudo_pairs.teacher_check``; chance = 1 / classes). With
+``--full`` (a fully supervised F checkpoint of an fgsbir_joint run on the same dataset) also G's test
+sketches' own-photo mean rank and Acc@10 under that F, per ``--decodings`` (``generator_probe.py``).
 
     python benchmarks/generator_encoders.py \\
         "scratch_s8:encoder_init=scratch,feature_stride=8" \\
@@ -52,9 +54,32 @@ def run_config(name: str, sets: list[str], args) -> dict:
     g = run_stage("sketch_generator", argv)
     g_seconds = time.time() - t0
     pp = run_stage("pseudo_pairs", argv)
-    return {"name": name, "seed": args.seed, "sets": sets, "overrides": args.overrides,
-            "generator_seconds": round(g_seconds, 1),
-            **{k: g.get(k) for k in KEYS}, **{k: pp.get(k) for k in PSEUDO_KEYS}}
+    row = {"name": name, "seed": args.seed, "sets": sets, "overrides": args.overrides,
+           "generator_seconds": round(g_seconds, 1),
+           **{k: g.get(k) for k in KEYS}, **{k: pp.get(k) for k in PSEUDO_KEYS}}
+    if args.full:
+        row["under_full_f"] = probe_under_full(out, args)
+    return row
+
+
+def probe_under_full(out: Path, args) -> dict[str, dict]:
+    """G's test sketches ranked by the fully supervised F of ``args.full``, per decoding."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from generator_probe import DECODINGS, probe
+
+    from sbir.config import load_params
+    from sbir.data.datasets import load_image_set
+    from sbir.data.format import open_dataset
+    from sbir.models.checkpoints import load_retrieval_checkpoint
+
+    params = load_params(args.params, dict(s.split("=", 1) for s in args.overrides if s.startswith("dataset_dir=")))
+    ds = open_dataset(REPO / params.dataset_dir)  # an absolute dataset_dir stays absolute
+    photos = load_image_set(ds, "photos", ["test"])
+    size = int(load_image_set(ds, "sketches", ["test"]).images.shape[-1])
+    full = load_retrieval_checkpoint(args.full)
+    return {dec: probe(str(out / "sketch_generator/generator.pt"), DECODINGS[dec], photos, photos.labels, full,
+                       str(out / "teacher_pretrain/teachers.pt"), params.pseudo_pairs.line_width, size)
+            for dec in args.decodings}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -67,6 +92,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra overrides for every configuration (e.g. dataset_dir=...)")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/generator_encoders.json"))
+    ap.add_argument("--full", default=None, help="a fully supervised F checkpoint (fgsbir_joint/checkpoints/full.pt) "
+                                                 "on the same dataset: rank G's test sketches under it")
+    ap.add_argument("--decodings", nargs="+", default=["t0.4", "greedy"], help="generator_probe.py's decodings")
     args = ap.parse_args(argv)
     os.environ.setdefault("SBIR_RAY_RESULTS", str(Path(args.work).resolve() / "ray_results"))
 

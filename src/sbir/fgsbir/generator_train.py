@@ -117,11 +117,11 @@ def generator_config(p: GeneratorParams, image_size: int, teacher_params: dict |
             raise ValueError("sketch_generator.global_context photo_teacher needs the teacher_pretrain stage's params")
         global_backbone = dict(teacher_params["backbone"])
     return SketchGeneratorConfig(
-        global_backbone=global_backbone, image_size=image_size, in_channels=3, encoder_channels=tuple(p.encoder_channels),
+        image_size=image_size, in_channels=3, encoder_channels=tuple(p.encoder_channels),
         feature_stride=p.feature_stride, latent_dim=p.latent_dim, decoder_hidden=p.decoder_hidden,
-        attention_dim=p.attention_dim, decoder_dropout=p.decoder_dropout, num_mixtures=p.num_mixtures, max_len=p.max_len, kl_floor=p.kl_floor,
+        attention_dim=p.attention_dim, num_mixtures=p.num_mixtures, max_len=p.max_len, kl_floor=p.kl_floor,
         kl_weight=p.kl_weight, kl_weight_start=p.kl_weight_start, kl_anneal_steps=p.kl_anneal_steps,
-        grad_clip=p.grad_clip, **encoder)
+        grad_clip=p.grad_clip, global_backbone=global_backbone, decoder_dropout=p.decoder_dropout, **encoder)
 
 
 def copy_teacher_encoder(model: PhotoToSketchGenerator, teachers: TeacherSet, encoder: bool = True) -> None:
