@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 FULL_PARAMS = REPO / "pipelines" / "embedded-full" / "params.yaml"  # the science budgets (the default cuts them)
 sys.path.insert(0, str(REPO / "src"))
 
-KEYS = ("photo_loss_gain", "photo_loss_own", "photo_loss_shuffled", "attention_entropy", "eval_total")
+KEYS = ("photo_loss_gain", "photo_loss_own", "photo_loss_shuffled", "attention_entropy", "eval_total",
+        "eval_gmm_nll", "train_gmm_nll")  # train vs eval NLL: how much G overfits its labelled pairs
 PSEUDO_KEYS = ("sketch_teacher_acc_pseudo", "sketch_teacher_acc_real_train", "chance_class_acc", "mean_points",
                "share_forced_end")
 
