@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/generator_encoders.json"))
     ap.add_argument("--full", default=None, help="a fully supervised F checkpoint (fgsbir_joint/checkpoints/full.pt) "
                                                  "on the same dataset: rank G's test sketches under it")
-    ap.add_argument("--decodings", nargs="+", default=["t0.4", "greedy"], help="generator_probe.py's decodings")
+    ap.add_argument("--decodings", nargs="+", default=["t0.4", "greedy"], help="generator_probe.py's decodings (give the configurations before this option)")
     args = ap.parse_args(argv)
     os.environ.setdefault("SBIR_RAY_RESULTS", str(Path(args.work).resolve() / "ray_results"))
 

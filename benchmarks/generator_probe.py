@@ -55,8 +55,8 @@ def probe(generator_path: str, decoding: dict, photos, labels, full, teachers_pa
         q = embed(model.sketch_encoder, images, size=size, batch=256)
         gal = embed(model.photo_encoder, photos.images, size=size, batch=256)
     m, _ = fine_grained_metrics(q, gal, torch.arange(len(photos)), (1, 10))
-    dummy = ImageSet(ids=["x"], images=images[:1], labels=labels[:1])
-    cls = teacher_agreement(teachers_path, images, labels, dummy)["sketch_teacher_acc_pseudo"]
+    one = ImageSet(ids=["x"], images=images[:1], labels=labels[:1])  # its real-sketch reference is not needed here
+    cls = teacher_agreement(teachers_path, images, labels, one)["sketch_teacher_acc_pseudo"]
     return {"mean_rank": round(float(m["mean_rank"]), 2), "acc@1": round(float(m["acc@1"]), 4),
             "acc@10": round(float(m["acc@10"]), 4), "sketch_teacher_acc": cls,
             "share_forced_end": round(float((lengths >= g.config.max_len).float().mean()), 4),
