@@ -34,21 +34,23 @@ DECODINGS = {  # name -> draw() keyword arguments
 
 
 def probe(generator_path: str, decoding: dict, photos, labels, full, teachers_path: str, line_width: float,
-          sketch_size: int) -> dict[str, float]:
+          sketch_size: int, candidates: int = 1) -> dict[str, float]:
     import numpy as np
     import torch
 
     from sbir.fgsbir.evaluate import fine_grained_metrics
-    from sbir.fgsbir.generator_train import draw, render_sketches
-    from sbir.fgsbir.pseudo_pairs import teacher_agreement
+    from sbir.fgsbir.params import PseudoPairsParams
+    from sbir.fgsbir.pseudo_pairs import draw_best_of, teacher_agreement
     from sbir.data.datasets import ImageSet
     from sbir.models.backbones import embed
-    from sbir.models.checkpoints import load_generator
+    from sbir.models.checkpoints import load_generator, load_teachers
 
     g, _ = load_generator(generator_path)
     torch.manual_seed(0)
-    strokes, _, lengths = draw(g, photos.images, seed=0, **decoding)
-    images = render_sketches(strokes, sketch_size, line_width)
+    # the pseudo_pairs stage's own drawing (candidates > 1: the teachers' best of that many samples)
+    p = PseudoPairsParams(**decoding, candidates=candidates, line_width=line_width)
+    drawn = draw_best_of(g, photos.images, p, sketch_size, 0, load_teachers(teachers_path) if candidates > 1 else None)
+    strokes, lengths, images = drawn["strokes"], drawn["lengths"], drawn["images"]
     model, blob = full
     size = blob["arch"].get("image_size")
     with torch.no_grad():
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--teachers", required=True, help="teacher_pretrain's teachers.pt (the class check)")
     ap.add_argument("--generator", action="append", required=True, metavar="NAME=PATH")
     ap.add_argument("--decodings", nargs="+", default=list(DECODINGS), choices=list(DECODINGS))
+    ap.add_argument("--candidates", type=int, nargs="+", default=[1],
+                    help="samples per photo, the teachers' best kept (pseudo_pairs.candidates); one row per value "
+                         "(values > 1 skip greedy decoding, which draws one sketch)")
     ap.add_argument("--line-width", type=float, default=1.0)
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/generator_probe.json"))
     args = ap.parse_args(argv)
@@ -86,9 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in args.generator:
         name, path = spec.split("=", 1)
         for dec in args.decodings:
-            r = probe(path, DECODINGS[dec], photos, photos.labels, full, args.teachers, args.line_width, sketch_size)
-            rows.append({"generator": name, "decoding": dec, **r})
-            print(json.dumps(rows[-1]), flush=True)
+            for k in args.candidates:
+                if k > 1 and DECODINGS[dec].get("greedy"):
+                    continue
+                r = probe(path, DECODINGS[dec], photos, photos.labels, full, args.teachers, args.line_width,
+                          sketch_size, k)
+                rows.append({"generator": name, "decoding": dec, "candidates": k, **r})
+                print(json.dumps(rows[-1]), flush=True)
     result = {"dataset": args.dataset, "full": args.full, "gallery_size": len(photos), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -339,3 +339,73 @@ def test_generator_global_context_is_the_frozen_photo_teacher(tmp_path):
     assert torch.allclose(loaded.encode(photos)[1], mu)
     with pytest.raises(ValueError, match="teacher_pretrain"):
         generator_config(p, 32, None)
+
+
+def test_best_of_candidates_keeps_the_sketch_the_teachers_agree_on_most():
+    """pseudo_pairs.candidates: K samples per photo (the first one is G's single sample, same seed); the
+    one kept scores highest under class_agreement, and it is that candidate's own sketch."""
+    from pydantic import ValidationError
+
+    from sbir.config import TeacherParams
+    from sbir.fgsbir.generator_train import draw, generator_config, render_sketches
+    from sbir.fgsbir.params import GeneratorParams, PseudoPairsParams
+    from sbir.fgsbir.pseudo_pairs import class_agreement, draw_best_of
+    from sbir.models.checkpoints import TeacherSet
+    from sbir.models.sketch_generator import PhotoToSketchGenerator
+
+    torch.manual_seed(0)
+    tp = TeacherParams()
+    teachers = (TeacherSet(tp, 4).eval(), {"params": tp.model_dump(mode="json")})
+    gp = GeneratorParams(encoder_init="scratch", encoder_channels=[8, 16], feature_stride=4, latent_dim=8,
+                         decoder_hidden=16, attention_dim=8, num_mixtures=3, max_len=12)
+    g = PhotoToSketchGenerator(generator_config(gp, 32, None)).eval()
+    photos = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+
+    single = draw_best_of(g, photos, PseudoPairsParams(candidates=1), 32, seed=3)
+    strokes, _, _ = draw(g, photos, 0.4, seed=3)
+    assert torch.equal(single["images"], render_sketches(strokes, 32, 1.0)) and single["agreement"] is None
+
+    best = draw_best_of(g, photos, PseudoPairsParams(candidates=3), 32, seed=3, teachers=teachers)
+    per_candidate, candidate_strokes = [], []
+    for k in range(3):
+        s_k, _, _ = draw(g, photos, 0.4, seed=3 + 7919 * k)
+        candidate_strokes.append(s_k)
+        per_candidate.append(render_sketches(s_k, 32, 1.0))
+    scores = torch.stack([class_agreement(*teachers, photos, im) for im in per_candidate])
+    assert torch.allclose(best["agreement"], scores.max(0).values)
+    for i, k in enumerate(best["chosen"].tolist()):
+        assert torch.equal(best["images"][i], per_candidate[k][i])
+        assert np.array_equal(best["strokes"][i], candidate_strokes[k][i])
+    assert best["chosen"].tolist() == scores.argmax(0).tolist()
+
+    with pytest.raises(ValueError, match="teachers"):
+        draw_best_of(g, photos, PseudoPairsParams(candidates=2), 32, seed=3)
+    with pytest.raises(ValidationError, match="greedy"):
+        PseudoPairsParams(candidates=2, greedy=True)
+
+
+def test_pool_refresh_if_better_keeps_the_sketch_the_teachers_agree_on_more(monkeypatch):
+    """policy_gradient.refresh_if_better: G's new sketch replaces its photo's pool sketch only where the
+    teachers' class agreement is higher (and the stored score follows); plain refresh replaces every pool
+    slot. The agreement is stubbed by the sketch's mean pixel value so the expected choice is known."""
+    from types import SimpleNamespace
+
+    import sbir.fgsbir.joint as joint
+
+    def agreement(teachers, blob, photos, sketches):
+        return sketches.float().mean((1, 2, 3))
+
+    monkeypatch.setattr(joint, "class_agreement", agreement)
+    photos = torch.zeros((5, 3, 8, 8), dtype=torch.uint8)
+    old = torch.stack([torch.full((1, 8, 8), v, dtype=torch.uint8) for v in (100, 100, 100)])  # slots 0..2
+    new = torch.stack([torch.full((1, 8, 8), v, dtype=torch.uint8) for v in (150, 250, 50, 120)])
+    photo_rows, slots = torch.tensor([1, 0, 3, 4]), torch.tensor([0, -1, 1, 2])  # photo 0 has no pool slot
+    vr = joint.VariantRun.__new__(joint.VariantRun)
+    vr.data = SimpleNamespace(photos=SimpleNamespace(images=photos))
+    vr.teachers, vr.pool, vr.pool_agreement = ("t", {}), old.clone(), torch.full((3,), 100.0)
+    assert vr.refresh_pool(slots, photo_rows, new) == pytest.approx(2 / 3)  # slots 0 and 2 improve, 1 does not
+    assert vr.pool[:, 0, 0, 0].tolist() == [150, 100, 120]
+    assert vr.pool_agreement.tolist() == [150.0, 100.0, 120.0]
+
+    vr.pool, vr.pool_agreement = old.clone(), None  # plain refresh: every pool photo's new sketch goes in
+    assert vr.refresh_pool(slots, photo_rows, new) == 1.0 and vr.pool[:, 0, 0, 0].tolist() == [150, 50, 120]

@@ -60,8 +60,10 @@ from sbir.fgsbir.generator_train import IntervalMeans, StrokeBank, paired_stroke
 from sbir.fgsbir.losses import (consistency_loss, discriminator_loss, discriminator_weights, retrieval_reward,
                                 sample_negatives, triplet_loss)
 from sbir.fgsbir.params import FGJointParams
+from sbir.fgsbir.pseudo_pairs import class_agreement
 from sbir.models.backbones import EncoderPair, channel_stats, channels_last, resize, to_float
-from sbir.models.checkpoints import build_retrieval_model, checkpoint_path, load_generator, load_students
+from sbir.models.checkpoints import (build_retrieval_model, checkpoint_path, load_generator, load_students,
+                                     load_teachers)
 from sbir.models.sketch_generator import MovingAverageBaseline, reinforce_loss
 from sbir.train import runtime as rt
 from sbir.train.precision import LoopDevice
@@ -245,6 +247,7 @@ class VariantRun:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.teacher = self.disc = self.gen = self.baseline = self.opt_d = self.opt_g = None
+        self.teachers = self.pool_agreement = None  # class teachers and their pool scores (refresh_if_better)
         self.pool, self.pool_rows = data.pool_images.clone(), data.pool_rows
         if spec.oracle:
             self.pool_rows, self.pool = data.oracle_pool()
@@ -268,6 +271,10 @@ class VariantRun:
                             workers=self.dev.decode_workers)
         self.vae_photo_rows, strokes = paired_strokes(sk, self.data.lab_s, self.data.lab_p, config["rdp_epsilon"])
         self.vae_bank = StrokeBank(strokes, self.gen.config.max_len)
+        pg = self.p.policy_gradient
+        if pg.refresh_pool and pg.refresh_if_better:
+            self.teachers = load_teachers(config["teachers_path"])
+            self.pool_agreement = class_agreement(*self.teachers, self.data.photos.images[self.pool_rows], self.pool)
 
     # -- checkpoint
     def _checkpointed(self) -> dict[str, Any]:
@@ -284,6 +291,8 @@ class VariantRun:
         out.update(step=self.step, history=self.history)
         if self.disc is not None:
             out["pool"] = self.pool
+        if self.pool_agreement is not None:
+            out["pool_agreement"] = self.pool_agreement
         return out
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
@@ -292,6 +301,8 @@ class VariantRun:
         self.step, self.history = s["step"], s["history"]
         if self.disc is not None:
             self.pool = s["pool"]
+        if self.pool_agreement is not None:
+            self.pool_agreement = s["pool_agreement"]
 
     def finished(self) -> dict[str, Any]:
         """What a finished variant keeps in the checkpoints: F, its curve, and the semi variants' D and G."""
@@ -447,11 +458,27 @@ class VariantRun:
         total = loss_pg + pg.vae_weight * vae
         rt.check_finite({"policy_gradient": loss_pg, "vae": vae}, self.step, f"fgsbir_joint/{self.spec.name}")
         self.dev.step(self.opt_g, total, self.gen, clip=self.gen.clip_gradients)
-        if pg.refresh_pool:
-            self.pool[slots[slots >= 0]] = imgs[slots >= 0]
-        return {"g_reward": float(reward.mean()), "g_reward_retrieval": float(parts[0].mean()),
+        accepted = self.refresh_pool(slots, pu, imgs) if pg.refresh_pool else 0.0
+        return {"g_pool_refreshed": accepted, "g_reward": float(reward.mean()),
+                "g_reward_retrieval": float(parts[0].mean()),
                 "g_log_d": float(parts[1].mean()), "g_baseline": float(torch.as_tensor(b).float().mean()),
                 "g_vae": float(vae.detach()), "g_points": float(np.mean([len(s) for s in strokes]))}
+
+    @torch.no_grad()
+    def refresh_pool(self, slots: torch.Tensor, photo_rows: torch.Tensor, imgs: torch.Tensor) -> float:
+        """G's new sketches replace their photos' pseudo sketches (``refresh_if_better``: only where the
+        teachers agree on the new one more); returns the share of the batch's pool photos replaced."""
+        in_pool = slots >= 0
+        slots, photo_rows, imgs = slots[in_pool], photo_rows[in_pool], imgs[in_pool]
+        if not len(slots):
+            return 0.0
+        if self.pool_agreement is not None:
+            score = class_agreement(*self.teachers, self.data.photos.images[photo_rows], imgs)
+            better = score > self.pool_agreement[slots]
+            self.pool_agreement[slots[better]] = score[better]
+            slots, imgs = slots[better], imgs[better]
+        self.pool[slots] = imgs
+        return len(slots) / float(in_pool.sum())
 
     @torch.no_grad()
     def sample_and_score(self, photos_g: torch.Tensor, pu: torch.Tensor, gen: torch.Generator,
@@ -593,6 +620,8 @@ def run_fgsbir_joint(ctx) -> dict[str, Any]:
             if k in hist[0]:
                 metrics[f"{name}/first_{k}"] = round(float(hist[0][k]), 4)
                 metrics[f"{name}/final_{k}"] = round(float(last[k]), 4)
+        if "g_pool_refreshed" in last:  # share of G's new sketches of pool photos that entered the pool
+            metrics[f"{name}/mean_pool_refreshed"] = round(float(np.mean([h["g_pool_refreshed"] for h in hist])), 4)
         metrics[f"{name}/seconds_per_step"] = round(float(np.mean([h["seconds_per_step"] for h in hist])), 4)
     if "semi" in done and "disc" in done["semi"]:
         metrics.update(write_pseudo_scores(ctx.tmp_out, p, done["semi"]["disc"], dataset_dir, config["pseudo_path"]))
@@ -614,6 +643,8 @@ def joint_config(ctx, p: FGJointParams, dataset_dir: Path) -> dict[str, Any]:
         config["pseudo_path"] = str(ctx.input("pseudo_pairs", "pseudo_pairs.parquet"))
     if any(s.kind == "semi" and s.policy_gradient for s in specs):
         config["generator_path"] = str(ctx.input("sketch_generator", "generator.pt"))
+        if p.policy_gradient.refresh_pool and p.policy_gradient.refresh_if_better:
+            config["teachers_path"] = str(ctx.input("teacher_pretrain", "teachers.pt"))
     return config
 
 

@@ -76,6 +76,9 @@ class PseudoPairsParams(FGParams):
                                                        "when pen_temperature is null)")
     pen_temperature: float | None = Field(None, gt=0, description="temperature of the pen-state logits alone (null: the offsets' temperature, as sketch-rnn). 1.0 keeps the stop decision calibrated (tempering it makes samples run to max_len) but measured lower semi-supervised accuracy on the embedded default")
     greedy: bool = Field(False, description="most likely mixture mean / pen state instead of sampling")
+    candidates: int = Field(1, ge=1, description="sketches G samples per photo; the one the teachers agree on "
+                            "most is kept (the photo teacher's class distribution scored by the sketch teacher's "
+                            "log-probabilities; no labels). 1: G's single sample. Needs the teacher_pretrain stage")
     batch_size: int = Field(256, ge=1, description="photos decoded at once")
     line_width: float = Field(1.0, gt=0, description="rasterisation line width in output pixels (the "
                                                      "embedded dataset renders real sketches at 1.0)")
@@ -84,6 +87,13 @@ class PseudoPairsParams(FGParams):
     teacher_check: bool = Field(True, description="classify the pseudo sketches (and the real train sketches, "
                                 "for reference) with teacher_pretrain's sketch teacher: is G's drawing "
                                 "recognisable as its photo's class? Needs the teacher_pretrain stage")
+
+    @model_validator(mode="after")
+    def _candidates_need_sampling(self) -> "PseudoPairsParams":
+        if self.greedy and self.candidates > 1:
+            raise ValueError("pseudo_pairs.candidates > 1 needs sampling: greedy decoding draws the same sketch "
+                             "every time (set greedy: false or candidates: 1)")
+        return self
 
 
 # ----------------------------------------------------------------------------- fgsbir_joint
@@ -127,6 +137,10 @@ class PolicyGradientParams(FGParams):
                            "unlabelled) or only the unlabelled ones")
     vae_weight: float = Field(1.0, ge=0, description="supervised VAE loss on labelled pairs, added to each G step")
     refresh_pool: bool = Field(True, description="the sketches G draws replace those photos' pseudo sketches")
+    refresh_if_better: bool = Field(False, description="with refresh_pool: a new sketch replaces its photo's pseudo "
+                                    "sketch only when the teachers agree on its class more (the score that picks "
+                                    "among pseudo_pairs.candidates), so single samples do not overwrite a best-of-K "
+                                    "pool. Needs the teacher_pretrain stage")
 
 
 class FGLossWeights(FGParams):

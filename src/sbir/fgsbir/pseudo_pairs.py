@@ -30,7 +30,7 @@ from sbir.data.datasets import ImageSet, load_image_set, pair_index, split_pairs
 from sbir.data.format import STROKE3_TYPE, decode_image, encode_png, open_dataset, strokes_from_arrow, strokes_to_arrow
 from sbir.fgsbir.generator_train import draw, render_sketches
 from sbir.fgsbir.params import PseudoPairsParams
-from sbir.models.checkpoints import load_generator
+from sbir.models.checkpoints import load_generator, load_teachers
 from sbir.models.sketch_generator import PhotoToSketchGenerator
 from sbir.train import runtime as rt
 
@@ -99,13 +99,12 @@ def run_pseudo_pairs(ctx) -> dict[str, Any]:
     unl = torch.nonzero(~photos.labelled).flatten()
     if len(unl) == 0:
         raise ValueError(f"{ds.root}: every train photo is labelled; there is nothing to draw pseudo sketches for")
-    strokes, loglik, lengths = draw(model, photos.images[unl], p.temperature, greedy=p.greedy, seed=ctx.params.seed,
-                                    pen_temperature=p.pen_temperature,
-                                    batch_size=p.batch_size)
+    teachers = load_teachers(ctx.input("teacher_pretrain", "teachers.pt")) if p.candidates > 1 else None
+    drawn = draw_best_of(model, photos.images[unl], p, size, ctx.params.seed, teachers)
+    strokes, loglik, lengths, images = drawn["strokes"], drawn["log_likelihood"], drawn["lengths"], drawn["images"]
     max_len = int(blob["config"]["max_len"])
     # a sequence that did not stop by itself ends at row max_len with no end-state choice of its own
     forced = lengths >= max_len
-    images = render_sketches(strokes, size, p.line_width)
     gen_seconds = time.time() - t0
     ids = [photos.ids[i] for i in unl.tolist()]
     write_pseudo_pairs(ctx.tmp_out / "pseudo_pairs.parquet", ids, photos.labels[unl].tolist(), strokes, images,
@@ -126,12 +125,60 @@ def run_pseudo_pairs(ctx) -> dict[str, Any]:
         "mean_log_likelihood": round(float(loglik.mean()), 3),
         "mean_ink": round(float(1.0 - images.float().mean() / 255.0), 4),
         "generate_seconds": round(gen_seconds, 1),
+        "candidates": p.candidates,
     }
+    if drawn["agreement"] is not None:
+        metrics["mean_teacher_agreement"] = round(float(drawn["agreement"].mean()), 4)
+        metrics["share_first_candidate_kept"] = round(float((drawn["chosen"] == 0).float().mean()), 4)
     if p.teacher_check:
         metrics.update(teacher_agreement(ctx.input("teacher_pretrain", "teachers.pt"), images, photos.labels[unl],
                                          sketches))
     ctx.write_json("metrics.json", metrics)
     return metrics
+
+
+def draw_best_of(model: PhotoToSketchGenerator, photos_u8: torch.Tensor, p: PseudoPairsParams, size: int, seed: int,
+                 teachers: tuple | None = None) -> dict[str, Any]:
+    """G's sketch of every photo, rendered; with ``p.candidates`` > 1 the best of that many samples by
+    :func:`class_agreement` (``teachers`` = :func:`load_teachers`'s pair). The first candidate is the
+    single-sample draw (same seed), so candidates = 1 is exactly G's sample."""
+    best: dict[str, Any] = {"agreement": None, "chosen": None}
+    for k in range(p.candidates):
+        strokes, loglik, lengths = draw(model, photos_u8, p.temperature, greedy=p.greedy, seed=seed + 7919 * k,
+                                        pen_temperature=p.pen_temperature, batch_size=p.batch_size)
+        images = render_sketches(strokes, size, p.line_width)
+        if p.candidates == 1:
+            return {**best, "strokes": strokes, "log_likelihood": loglik, "lengths": lengths, "images": images}
+        if teachers is None:
+            raise ValueError("pseudo_pairs.candidates > 1 needs the teachers (teacher_pretrain's teachers.pt)")
+        score = class_agreement(*teachers, photos_u8, images)
+        if k == 0:
+            best = {"strokes": strokes, "log_likelihood": loglik, "lengths": lengths, "images": images,
+                    "agreement": score, "chosen": torch.zeros(len(score), dtype=torch.long)}
+            continue
+        better = score > best["agreement"]
+        best["strokes"] = [new if b else old for old, new, b in zip(best["strokes"], strokes, better.tolist())]
+        for key, value in (("log_likelihood", loglik), ("lengths", lengths), ("images", images), ("agreement", score)):
+            best[key] = torch.where(better.view(-1, *([1] * (value.dim() - 1))), value, best[key])
+        best["chosen"][better] = k
+    return best
+
+
+@torch.no_grad()
+def class_agreement(teachers, blob: dict, photos_u8: torch.Tensor, sketches_u8: torch.Tensor,
+                    batch: int = 512) -> torch.Tensor:
+    """Per pair, sum_c p_photo(c) * log p_sketch(c): how well the sketch teacher recognises, in the sketch,
+    the class the photo teacher sees in the photo (higher is better; uses no labels)."""
+    from sbir.models.backbones import resize, to_float
+
+    size = int(blob["params"]["image_size"])
+    shared = (teachers.photo_teacher.known & teachers.sketch_teacher.known).cpu()  # classes both teachers learnt
+    out = []
+    for i in range(0, len(photos_u8), batch):
+        p_photo = teachers.photo_teacher(resize(to_float(photos_u8[i : i + batch]), size))[:, shared].softmax(1)
+        log_p_sketch = teachers.sketch_teacher(resize(to_float(sketches_u8[i : i + batch]), size))[:, shared].log_softmax(1)
+        out.append((p_photo * log_p_sketch).sum(1))
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 @torch.no_grad()
@@ -140,7 +187,6 @@ def teacher_agreement(teachers_path, pseudo_images: torch.Tensor, pseudo_labels:
     """The sketch teacher's accuracy on the pseudo sketches (against their photo's class) and, for
     reference, on the real train sketches (which it was trained on: an optimistic ceiling)."""
     from sbir.models.backbones import resize, to_float
-    from sbir.models.checkpoints import load_teachers
 
     teachers, blob = load_teachers(teachers_path)
     size = int(blob["params"]["image_size"])
