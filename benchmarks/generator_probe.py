@@ -7,6 +7,7 @@ pairs are); the script reports
 * the generated -> own-photo mean rank and Acc@1/10 under ``--full`` (the fully supervised F of an
   fgsbir_joint run: issue #13's target is a mean rank <= 40 of 480),
 * the sketch teacher's class accuracy on those sketches (is the drawing recognisable as its class?),
+* the own photo's mean rank among the photos of its class only (the instance detail, apart from the class),
 * the share of samples that ran to max_len (no end state) and the mean number of points.
 
 Inference only (a minute on two cores), so decoding choices can be screened without rerunning the
@@ -57,12 +58,47 @@ def probe(generator_path: str, decoding: dict, photos, labels, full, teachers_pa
         q = embed(model.sketch_encoder, images, size=size, batch=256)
         gal = embed(model.photo_encoder, photos.images, size=size, batch=256)
     m, _ = fine_grained_metrics(q, gal, torch.arange(len(photos)), (1, 10))
+    within = within_class_mean_rank(q, gal, torch.arange(len(photos)), labels)
     one = ImageSet(ids=["x"], images=images[:1], labels=labels[:1])  # its real-sketch reference is not needed here
     cls = teacher_agreement(teachers_path, images, labels, one)["sketch_teacher_acc_pseudo"]
     return {"mean_rank": round(float(m["mean_rank"]), 2), "acc@1": round(float(m["acc@1"]), 4),
             "acc@10": round(float(m["acc@10"]), 4), "sketch_teacher_acc": cls,
+            "within_class_mean_rank": round(within, 2),
+            "within_class_chance": round(float(np.mean([(int((labels == c).sum()) + 1) / 2 for c in labels])), 2),
             "share_forced_end": round(float((lengths >= g.config.max_len).float().mean()), 4),
             "mean_points": round(float(np.mean([len(s) for s in strokes])), 2)}
+
+
+def within_class_mean_rank(q, gal, true_index, gallery_labels) -> float:
+    """Mean rank of each sketch's own photo (``true_index``) among the photos of its class only (1 = first):
+    the instance detail a sketch carries, apart from drawing the right class (chance: (class size + 1) / 2)."""
+    import torch
+
+    q, gal = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(gal, dim=1)
+    sim = q @ gal.T
+    own = sim.gather(1, true_index.view(-1, 1))
+    same_class = gallery_labels[true_index].unsqueeze(1) == gallery_labels.unsqueeze(0)
+    return float(((sim > own) & same_class).sum(1).float().add(1).mean())
+
+
+def real_sketch_reference(ds, full) -> dict[str, float]:
+    """The same figures for the real test sketches under ``full``: what a perfect G would reach."""
+    import torch
+
+    from sbir.data.datasets import split_pairs
+    from sbir.fgsbir.evaluate import fine_grained_metrics
+    from sbir.models.backbones import embed
+
+    sketches, photos, rows, photo_rows = split_pairs(ds, "test")
+    model, blob = full
+    size = blob["arch"].get("image_size")
+    with torch.no_grad():
+        q = embed(model.sketch_encoder, sketches.images[rows], size=size, batch=256)
+        gal = embed(model.photo_encoder, photos.images, size=size, batch=256)
+    m, _ = fine_grained_metrics(q, gal, photo_rows, (1, 10))
+    return {"mean_rank": round(float(m["mean_rank"]), 2), "acc@1": round(float(m["acc@1"]), 4),
+            "acc@10": round(float(m["acc@10"]), 4),
+            "within_class_mean_rank": round(within_class_mean_rank(q, gal, photo_rows, photos.labels), 2)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,7 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
                           sketch_size, k)
                 rows.append({"generator": name, "decoding": dec, "candidates": k, **r})
                 print(json.dumps(rows[-1]), flush=True)
-    result = {"dataset": args.dataset, "full": args.full, "gallery_size": len(photos), "rows": rows}
+    reference = real_sketch_reference(ds, full)
+    print(json.dumps({"real test sketches": reference}), flush=True)
+    result = {"dataset": args.dataset, "full": args.full, "gallery_size": len(photos), "rows": rows,
+              "real_sketches": reference}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"-> {args.out}")

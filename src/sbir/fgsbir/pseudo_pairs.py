@@ -112,9 +112,10 @@ def run_pseudo_pairs(ctx) -> dict[str, Any]:
 
     # preview: unlabelled photos (real sketch only if their sketches keep a photo_id) and test photos
     rows, labels = preview_unlabelled(ds, photos, sketches, unl, images, max(1, p.num_preview // 2))
-    preview_test_pairs(ds, model, p, ctx.params.seed, size, p.num_preview - len(rows), rows, labels)
+    preview_test_pairs(ds, model, p, ctx.params.seed, size, p.num_preview - len(rows), rows, labels, teachers)
+    best_of = f", best of {p.candidates}" if p.candidates > 1 else ""
     image_grid(rows, ctx.tmp_out / "pairs.png", row_labels=labels, col_labels=["photo", "generated", "real"],
-               title=f"pseudo pairs (T={p.temperature}{', greedy' if p.greedy else ''})")
+               title=f"pseudo pairs (T={p.temperature}{', greedy' if p.greedy else ''}{best_of})")
 
     n_pts = np.asarray([len(s) for s in strokes])
     metrics = {
@@ -217,8 +218,9 @@ def preview_unlabelled(ds, photos: ImageSet, sketches: ImageSet, unl: torch.Tens
 
 
 def preview_test_pairs(ds, model: PhotoToSketchGenerator, p: PseudoPairsParams, seed: int, size: int, k: int,
-                       rows: list[list], labels: list[str]) -> None:
-    """Append up to ``k`` rows (photo, generated, real) of spread test pairs to ``rows`` / ``labels``."""
+                       rows: list[list], labels: list[str], teachers: tuple | None = None) -> None:
+    """Append up to ``k`` rows (photo, generated, real) of spread test pairs to ``rows`` / ``labels``, drawn
+    as the pseudo pairs are (best of ``p.candidates`` by the teachers)."""
     t_sketches, t_photos, t_rows, t_photo_rows = split_pairs(ds, "test")
     if not len(t_rows):
         return
@@ -226,9 +228,7 @@ def preview_test_pairs(ds, model: PhotoToSketchGenerator, p: PseudoPairsParams, 
     pick, pick_photos = t_rows[spread], t_photo_rows[spread]
     if not len(pick):
         return
-    t_str, _, _ = draw(model, t_photos.images[pick_photos], p.temperature, greedy=p.greedy, seed=seed,
-                       pen_temperature=p.pen_temperature)
-    t_img = render_sketches(t_str, size, p.line_width)
+    t_img = draw_best_of(model, t_photos.images[pick_photos], p, size, seed, teachers)["images"]
     for j, (s, ph) in enumerate(zip(pick.tolist(), pick_photos.tolist())):
         rows.append([t_photos.images[ph].permute(1, 2, 0).numpy(), t_img[j, 0].numpy(),
                      t_sketches.images[s, 0].numpy()])
